@@ -1,0 +1,1 @@
+"""kvtune: layer-wise mixed-precision KV cache quantization."""

@@ -1,0 +1,185 @@
+"""Text for calibration, verification and held-out evaluation, loaded offline through ``datasets``.
+
+The embedded default is real English Wikipedia: the 107 articles that gensim ships in its test
+data (``enwiki-latest-pages-articles1.xml-...-shortened.bz2``), markup stripped with
+mwparserfromhell. Articles, not windows, are split three ways, so no calibration window can
+overlap a verification or held-out one. The split is fixed (it does not follow ``--seed``), so
+calibration of one run never leaks into the evaluation of another; the seed picks windows.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import json
+import random
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+from kvtune.errors import DataError
+
+SPLITS = ("calibration", "verification", "heldout")
+DEFAULT_DATA = "enwiki"
+_SPLIT_SHARES = {"calibration": 0.5, "verification": 0.15, "heldout": 0.35}  # of characters
+_SPLIT_SEED = 20240501  # fixed on purpose, see module docstring
+_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_CORPUS_VERSION = "v2"  # bump when the cleaning changes, so cached splits are rebuilt
+_HUB_SPLITS = {"wikitext": ("wikitext-2-raw-v1", {"calibration": "train", "verification": "validation", "heldout": "test"})}
+
+
+def _gensim_dump() -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the default data needs the package 'gensim' (pip install gensim)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / _DUMP
+    if not path.is_file():
+        raise DataError(f"gensim is installed but its Wikipedia test dump is missing: {path}")
+    return path
+
+
+def _clean(wikitext: str) -> str:
+    import mwparserfromhell
+
+    # Citations are bibliography, not prose: drop them before the markup is stripped.
+    wikitext = re.sub(r"<ref[^>]*/>", "", wikitext)
+    wikitext = re.sub(r"<ref[^>]*>.*?</ref>", "", wikitext, flags=re.S | re.I)
+    text = mwparserfromhell.parse(wikitext).strip_code(normalize=True, collapse=True)
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        # Leftovers of tables, galleries and image captions are not prose.
+        if not line or line.startswith(("|", "!", "{", "}", "Category:", "thumb|", "File:", "Image:")):
+            continue
+        lines.append(re.sub(r"\s+", " ", line))
+    return "\n".join(lines)
+
+
+def _wiki_articles(dump: Path) -> list[dict[str, str]]:
+    articles = []
+    with bz2.open(dump, "rb") as f:
+        for _, elem in ET.iterparse(f):
+            if not elem.tag.endswith("}page"):
+                continue
+            ns = {"m": elem.tag[: elem.tag.index("}") + 1].strip("{}")}
+            title = elem.findtext("m:title", namespaces=ns) or ""
+            raw = elem.findtext("m:revision/m:text", namespaces=ns) or ""
+            if elem.findtext("m:ns", namespaces=ns) == "0" and not raw.lstrip().lower().startswith("#redirect"):
+                text = _clean(raw)
+                if len(text) > 200:
+                    articles.append({"title": title, "text": text})
+            elem.clear()
+    return articles
+
+
+def split_documents(docs: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    """Assign whole documents to splits by a fixed shuffle, by share of characters."""
+    order = list(range(len(docs)))
+    random.Random(_SPLIT_SEED).shuffle(order)
+    total = sum(len(d["text"]) for d in docs)
+    bounds, acc = [], 0.0
+    for name in SPLITS:
+        acc += _SPLIT_SHARES[name]
+        bounds.append((name, acc * total))
+    out: dict[str, list] = {name: [] for name in SPLITS}
+    seen = 0
+    for idx in order:
+        name = next((n for n, b in bounds if seen < b), SPLITS[-1])
+        out[name].append(docs[idx])
+        seen += len(docs[idx]["text"])
+    return out
+
+
+def _default_split_files() -> dict[str, str]:
+    from kvtune.models import kvtune_home
+
+    folder = kvtune_home() / "data" / f"enwiki-gensim-{_CORPUS_VERSION}"
+    files = {name: folder / f"{name}.jsonl" for name in SPLITS}
+    if not all(p.is_file() for p in files.values()):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, docs in split_documents(_wiki_articles(_gensim_dump())).items():
+            tmp = files[name].with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+            tmp.replace(files[name])
+    return {name: str(p) for name, p in files.items()}
+
+
+def _local_split_files(path: Path) -> dict[str, str]:
+    """A local file of documents (JSON lines with a 'text' field, or plain text with blank-line
+    separated documents) split like the default data."""
+    from kvtune.models import kvtune_home
+
+    if path.suffix == ".jsonl":
+        docs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not all(isinstance(d, dict) and isinstance(d.get("text"), str) for d in docs):
+            raise DataError(f"{path}: every line must be a JSON object with a 'text' string")
+    else:
+        docs = [{"title": "", "text": t.strip()} for t in re.split(r"\n\s*\n", path.read_text()) if t.strip()]
+    if len(docs) < len(SPLITS):
+        raise DataError(f"{path}: needs at least {len(SPLITS)} documents to split, found {len(docs)}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    folder = kvtune_home() / "data" / f"local-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, part in split_documents(docs).items():
+        files[name] = str(folder / f"{name}.jsonl")
+        Path(files[name]).write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in part))
+    return files
+
+
+def load_corpus(name: str | None = None):
+    """A ``datasets.DatasetDict`` with splits calibration / verification / heldout and a 'text' column.
+
+    ``name``: ``enwiki`` (the embedded default), a local .jsonl/.txt file, or ``wikitext``
+    (Hugging Face hub; needs the network).
+    """
+    import datasets
+
+    name = (name or DEFAULT_DATA).strip()
+    if name in ("default", DEFAULT_DATA):
+        return datasets.load_dataset("json", data_files=_default_split_files())
+    path = Path(name).expanduser()
+    if path.is_file():
+        return datasets.load_dataset("json", data_files=_local_split_files(path))
+    if name in _HUB_SPLITS:
+        config, mapping = _HUB_SPLITS[name]
+        try:
+            hub = datasets.load_dataset(name, config)
+        except Exception as e:  # datasets raises many types for "offline" / "not found"
+            raise DataError(f"could not load hub dataset {name!r} (is the network reachable?): {e}") from None
+        return datasets.DatasetDict({ours: hub[theirs] for ours, theirs in mapping.items()})
+    raise DataError(
+        f"unknown data {name!r}: use '{DEFAULT_DATA}' (embedded Wikipedia), a local .jsonl/.txt file, "
+        f"or one of the hub datasets {sorted(_HUB_SPLITS)}"
+    )
+
+
+def token_stream(tokenizer, split) -> torch.Tensor:
+    """All documents of a split, tokenized and joined by EOS into one 1-D LongTensor."""
+    texts = [t for t in split["text"] if t and t.strip()]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    flat = [tok for doc in ids for tok in doc + sep]
+    return torch.tensor(flat, dtype=torch.long)
+
+
+def token_windows(tokens: torch.Tensor, seq_len: int, num_windows: int, seed: int = 0) -> torch.Tensor:
+    """(num_windows, seq_len) non-overlapping windows chosen with ``seed``, in stream order."""
+    available = len(tokens) // seq_len
+    if available < num_windows:
+        raise DataError(
+            f"the split holds {len(tokens)} tokens: {available} windows of {seq_len}, but {num_windows} were asked for"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(available, generator=gen)[:num_windows].sort().values * seq_len
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+def load_windows(tokenizer, split: str, seq_len: int, num_windows: int, seed: int = 0, data: str | None = None):
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+    corpus = load_corpus(data)
+    return token_windows(token_stream(tokenizer, corpus[split]), seq_len, num_windows, seed)

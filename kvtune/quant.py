@@ -1,0 +1,247 @@
+"""Asymmetric uniform integer quantization of K/V tensors: the plain-PyTorch reference.
+
+Every tensor here is laid out like a transformers cache entry, ``(..., tokens, head_dim)``.
+A :class:`QuantSpec` picks the bit width and which elements share one scale/zero pair:
+
+=============  ======================================  ===========================  ==================
+mode           elements sharing a scale                scale/zero shape             used by
+=============  ======================================  ===========================  ==================
+per-token      ``group_size`` channels of one token    ``(..., T, D // G)``         values (KIVI)
+per-channel    ``group_size`` tokens of one channel    ``(..., T // G, D)``         keys (KIVI)
+=============  ======================================  ===========================  ==================
+
+Both modes store codes in the same token-major layout, ``(..., T, D * bits // 8)`` bytes, so that
+quantized chunks concatenate along the token axis and a kernel reads one token row at a time.
+Scale and zero point (the group minimum) are fp16. The minimum is rounded *down* and the scale
+*up* to fp16, so every element of a group lies inside the representable range and the round-trip
+error is at most ``scale / 2`` with the stored scale.
+
+The three steps are plain functions: :func:`choose_qparams` → :func:`quantize_codes` →
+:func:`dequantize`; :func:`quantize` runs them and packs the codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kvtune.errors import PlanError
+
+INT_BITS = (2, 4, 8)
+FULL_BITS = 16
+BITS = INT_BITS + (FULL_BITS,)
+MODES = ("per-token", "per-channel")
+SCALE_DTYPE = torch.float16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one of K or V is stored in one layer. ``bits == 16`` keeps the tensor as it is."""
+
+    bits: int
+    mode: str = "per-token"
+    group_size: int = 32
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise PlanError(f"unknown bit width {self.bits!r}: expected one of {list(BITS)}")
+        if self.bits == FULL_BITS:  # mode and group mean nothing unquantized: one canonical form
+            object.__setattr__(self, "mode", "per-token")
+            object.__setattr__(self, "group_size", 32)
+        if self.mode not in MODES:
+            raise PlanError(f"unknown quantization mode {self.mode!r}: expected one of {list(MODES)}")
+        if not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise PlanError(f"group_size must be a positive integer, got {self.group_size!r}")
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.bits != FULL_BITS
+
+    @property
+    def token_granularity(self) -> int:
+        """Tokens that must be present before they can be quantized together."""
+        return self.group_size if self.mode == "per-channel" else 1
+
+    def quantized_tokens(self, total_tokens: int, residual: int) -> int:
+        """How many of the oldest tokens are stored quantized once ``total_tokens`` are cached.
+
+        The most recent ``residual`` tokens stay in full precision; per-channel groups are only
+        quantized whole, so between ``residual`` and ``residual + group_size - 1`` tokens do.
+        This single rule is shared by the cache and the simulated-quantization attention.
+        """
+        if not self.is_quantized:
+            return 0
+        step = self.token_granularity
+        return max(total_tokens - residual, 0) // step * step
+
+    def nbytes(self, tokens: int, head_dim: int, rows: int = 1) -> int:
+        """Exact bytes to store ``rows`` (batch × heads) sequences of ``tokens`` quantized tokens."""
+        if not self.is_quantized:
+            return rows * tokens * head_dim * 2
+        check_shape(tokens, head_dim, self)
+        codes = tokens * head_dim * self.bits // 8
+        groups = tokens * head_dim // self.group_size
+        return rows * (codes + 2 * groups * SCALE_DTYPE.itemsize)
+
+    def effective_bits(self, tokens: int, head_dim: int) -> float:
+        """Stored bits per element, scale and zero overhead included."""
+        return 8 * self.nbytes(tokens, head_dim) / (tokens * head_dim)
+
+
+def check_shape(tokens: int, head_dim: int, spec: QuantSpec) -> None:
+    """The one place that states which shapes a spec can quantize."""
+    if head_dim % (8 // spec.bits) != 0:
+        raise ValueError(f"head_dim {head_dim} cannot be packed at {spec.bits} bits")
+    if spec.mode == "per-token" and head_dim % spec.group_size != 0:
+        raise ValueError(f"per-token group_size {spec.group_size} does not divide head_dim {head_dim}")
+    if spec.mode == "per-channel" and tokens % spec.group_size != 0:
+        raise ValueError(f"per-channel quantization needs whole groups: {tokens} tokens, group_size {spec.group_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitives
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_groups(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View ``x`` (..., T, D) as (..., rows, groups, group_size) with one scale per last-dim group."""
+    if spec.mode == "per-token":
+        return x.unflatten(-1, (-1, spec.group_size))  # (..., T, D/G, G)
+    return x.transpose(-1, -2).unflatten(-1, (-1, spec.group_size))  # (..., D, T/G, G)
+
+
+def _from_groups(g: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if spec.mode == "per-token":
+        return g.flatten(-2)
+    return g.flatten(-2).transpose(-1, -2)
+
+
+def _qparams_layout(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per-group tensor (..., a, b) in grouped order → storage layout with tokens on dim -2."""
+    return q if spec.mode == "per-token" else q.transpose(-1, -2)
+
+
+def _fp16_down(x: torch.Tensor) -> torch.Tensor:
+    h = x.to(SCALE_DTYPE)
+    return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, -float("inf"))), h)
+
+
+def _fp16_up(x: torch.Tensor) -> torch.Tensor:
+    h = x.to(SCALE_DTYPE)
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+
+
+def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, zero) per group, in storage layout. ``zero`` is the group minimum."""
+    check_shape(x.shape[-2], x.shape[-1], spec)
+    g = _to_groups(x.float(), spec)
+    lo = _fp16_down(g.amin(-1))
+    hi = g.amax(-1)
+    levels = 2**spec.bits - 1
+    scale = _fp16_up((hi - lo.float()) / levels)
+    # A constant group is represented exactly by its (fp16) minimum; any positive scale works.
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return _qparams_layout(scale, spec), _qparams_layout(lo, spec)
+
+
+def _expand(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Storage-layout qparams → broadcastable against the grouped view."""
+    return _qparams_layout(q, spec).float().unsqueeze(-1)
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes in [0, 2**bits - 1], uint8, same shape as ``x``."""
+    g = _to_groups(x.float(), spec)
+    codes = torch.round((g - _expand(zero, spec)) / _expand(scale, spec)).clamp_(0, 2**spec.bits - 1)
+    return _from_groups(codes, spec).to(torch.uint8)
+
+
+def dequantize_codes(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, dtype=torch.float32
+) -> torch.Tensor:
+    g = _to_groups(codes.float(), spec)
+    return _from_groups(g * _expand(scale, spec) + _expand(zero, spec), spec).to(dtype)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes of ``bits`` each along the last dim, lowest bits first: (..., D) → (..., D*bits/8)."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    per_byte = 8 // bits
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    grouped = codes.to(torch.uint8).unflatten(-1, (-1, per_byte))
+    return (grouped << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    return ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stored form
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes with their fp16 scale and zero point; tokens are on dim -2 of all three."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    spec: QuantSpec
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.packed.shape[:-1] + (self.packed.shape[-1] * 8 // self.spec.bits,)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.packed.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_codes(unpack(self.packed, self.spec.bits), self.scale, self.zero, self.spec, self.dtype)
+
+    def cat(self, other: QuantizedTensor) -> QuantizedTensor:
+        """Append ``other`` along the token axis (whole per-channel groups keep this exact)."""
+        return self.map2(other, lambda a, b: torch.cat([a, b], dim=-2))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedTensor:
+        """Apply a batch-axis operation (index_select, repeat_interleave, .to) to every stored tensor."""
+        return dataclasses.replace(self, packed=fn(self.packed), scale=fn(self.scale), zero=fn(self.zero))
+
+    def map2(self, other: QuantizedTensor, fn) -> QuantizedTensor:
+        return dataclasses.replace(
+            self,
+            packed=fn(self.packed, other.packed),
+            scale=fn(self.scale, other.scale),
+            zero=fn(self.zero, other.zero),
+        )
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    if not spec.is_quantized:
+        raise ValueError("a 16-bit spec keeps tensors as they are; there is nothing to quantize")
+    scale, zero = choose_qparams(x, spec)
+    codes = quantize_codes(x, scale, zero, spec)
+    return QuantizedTensor(pack(codes, spec.bits), scale, zero, spec, x.dtype)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """quantize → dequantize without packing; identity for 16-bit specs."""
+    if not spec.is_quantized:
+        return x
+    scale, zero = choose_qparams(x, spec)
+    return dequantize_codes(quantize_codes(x, scale, zero, spec), scale, zero, spec, x.dtype)

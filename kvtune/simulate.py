@@ -1,0 +1,120 @@
+"""Simulated KV quantization inside one prefill forward, for fast and faithful perplexity.
+
+A plain prefill attends over the K/V it has just computed, in full precision, so it shows no
+effect of a quantized cache at all. Here every query ``t`` instead sees key/value ``i`` the way
+token-by-token decoding through :class:`~kvtune.cache.MixedPrecisionCache` would show it:
+dequantized when ``i < QuantSpec.quantized_tokens(t + 1, residual)`` and ``i < t``, exact
+otherwise (the residual window, and the token the query itself just produced). Quantization
+groups never depend on when they were formed, so one fake-quantized copy of K and of V serves
+all queries; a mask per query picks which copy each score and each value comes from.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from kvtune.plan import LayerPlan, Plan
+from kvtune.quant import QuantSpec, fake_quantize
+
+ATTN_NAME = "kvtune_simulated"
+_active_plan: Plan | None = None
+_registered = False
+
+
+def _fake_quantize_prefix(x: torch.Tensor, spec: QuantSpec, residual: int) -> torch.Tensor:
+    n = spec.quantized_tokens(x.shape[-2], residual)
+    if n == 0:
+        return x
+    return torch.cat([fake_quantize(x[..., :n, :], spec), x[..., n:, :]], dim=-2)
+
+
+def seen_quantized(spec: QuantSpec, residual: int, length: int, device=None) -> torch.Tensor:
+    """Bool (length, length): does query t read position i from the quantized store?"""
+    t = torch.arange(length, device=device)
+    if not spec.is_quantized:
+        return torch.zeros(length, length, dtype=torch.bool, device=device)
+    step = spec.token_granularity
+    quantized_upto = (t + 1 - residual).clamp(min=0) // step * step  # quantized_tokens(t + 1), vectorised
+    i = t[None, :]
+    return (i < quantized_upto[:, None]) & (i < t[:, None])
+
+
+def simulated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layer: LayerPlan,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention output (B, Hq, T, D) of one prefill as a quantized cache would produce it.
+
+    query (B, Hq, T, D); key, value (B, Hkv, T, D) with Hq a multiple of Hkv (GQA).
+    ``attention_mask`` is an additive float mask (B, 1, T, T); None means plain causal.
+    """
+    length = query.shape[-2]
+    if key.shape[-2] != length:
+        raise ValueError("simulated quantization covers a whole prefill: query and key lengths must match")
+    groups = query.shape[1] // key.shape[1]
+    k_hat = _fake_quantize_prefix(key, layer.key, layer.residual)
+    v_hat = _fake_quantize_prefix(value, layer.value, layer.residual)
+
+    def rep(x):  # GQA: each KV head serves `groups` query heads
+        return x.repeat_interleave(groups, dim=1)
+
+    scores = torch.matmul(query, rep(key).transpose(-1, -2))
+    if layer.key.is_quantized:
+        scores_q = torch.matmul(query, rep(k_hat).transpose(-1, -2))
+        scores = torch.where(seen_quantized(layer.key, layer.residual, length, query.device), scores_q, scores)
+    scores = scores * scaling
+    if attention_mask is None:
+        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :length]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    if not layer.value.is_quantized:
+        return torch.matmul(probs, rep(value))
+    from_quantized = seen_quantized(layer.value, layer.residual, length, query.device).to(probs.dtype)
+    return torch.matmul(probs * from_quantized, rep(v_hat)) + torch.matmul(probs * (1 - from_quantized), rep(value))
+
+
+def _attention_interface(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    if _active_plan is None:
+        raise RuntimeError(f"attention '{ATTN_NAME}' runs only inside kvtune.simulate_quantization()")
+    out = simulated_attention(query, key, value, _active_plan.layers[module.layer_idx], scaling, attention_mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, _attention_interface)
+    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])  # additive float masks
+    _registered = True
+
+
+@contextmanager
+def simulate_quantization(model, plan: Plan):
+    """Within the block, ``model(input_ids, use_cache=False)`` attends as if K/V came from a cache
+    quantized by ``plan``."""
+    global _active_plan
+    from kvtune.models import check_supported, model_shape
+
+    check_supported(model)
+    plan.check_model(model_shape(model), getattr(model, "name_or_path", "the model"))
+    _register()
+    previous_impl, previous_plan = model.config._attn_implementation, _active_plan
+    model.set_attn_implementation(ATTN_NAME)
+    _active_plan = plan
+    try:
+        yield model
+    finally:
+        _active_plan = previous_plan
+        model.set_attn_implementation(previous_impl)
