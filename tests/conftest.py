@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+# Tests never touch the user's cache folder unless told to: the converted default model and the
+# prepared data live in KVTUNE_HOME (CI sets it once so the conversion is shared across tests).
+os.environ.setdefault("KVTUNE_HOME", os.path.join(os.path.dirname(__file__), "..", "outputs", ".kvtune-home"))
+
+
+def tiny_llama(layers: int = 3, heads: int = 4, kv_heads: int = 2, head_dim: int = 32, vocab: int = 256, dtype=torch.float64):
+    """A random-weight Llama of the default model's architecture (GQA), small enough for seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=heads * head_dim,
+        intermediate_size=2 * heads * head_dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from kvtune.models import load_model
+
+    return load_model()

@@ -1,0 +1,80 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvtune.cache import MixedPrecisionCache, load_cache
+from kvtune.errors import PlanError
+from kvtune.models import model_shape
+from kvtune.plan import LayerPlan, Plan
+from kvtune.quant import QuantSpec
+
+
+def _prompts(vocab=256):
+    torch.manual_seed(5)
+    ids = torch.randint(3, vocab, (2, 12))
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0  # left padding on the second row
+    return ids, mask
+
+
+def _generate(model, cache, new_tokens=24):
+    ids, mask = _prompts()
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache, pad_token_id=0
+    )
+
+
+def _mixed(num_layers):
+    pairs = ["k8v4", "k2v2", "k4v8", "k16v2"]
+    return Plan(tuple(LayerPlan.from_pair(pairs[i % 4], group_size=8, residual=4) for i in range(num_layers)))
+
+
+def test_uniform_16_bit_plan_gives_exactly_the_fp_tokens(tiny_model):
+    reference = _generate(tiny_model, DynamicCache(config=tiny_model.config))
+    ours = _generate(tiny_model, load_cache(tiny_model, Plan.uniform("k16v16", 3)))
+    assert torch.equal(reference, ours)
+
+
+def test_mixed_plan_generates_with_batch_and_gqa(tiny_model):
+    assert tiny_model.config.num_key_value_heads < tiny_model.config.num_attention_heads
+    plan = _mixed(3)
+    cache = load_cache(tiny_model, plan)
+    out = _generate(tiny_model, cache)
+    assert out.shape == (2, 12 + 24)
+    # The bytes held are exactly what the plan's accounting predicts for that many tokens.
+    tokens = cache.get_seq_length()
+    assert tokens == 12 + 24 - 1
+    assert cache.nbytes() == plan.cache_bytes(model_shape(tiny_model), tokens, batch=2)
+    fp = Plan.uniform("k16v16", 3).cache_bytes(model_shape(tiny_model), tokens, batch=2)
+    assert cache.nbytes() < 0.7 * fp
+
+
+def test_quantized_cache_stores_packed_codes_and_changes_the_states(tiny_model):
+    plan = Plan.uniform("k2v2", 3, group_size=8, residual=4)
+    cache = MixedPrecisionCache(plan)
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 20, 32, dtype=torch.float64), torch.randn(1, 2, 20, 32, dtype=torch.float64)
+    k_out, v_out = cache.update(k, v, 0)
+    assert torch.equal(k_out, k) and torch.equal(v_out, v)  # the call that adds tokens reads them unrounded
+    stream = cache.layers[0]._k
+    assert stream.quantized.packed.dtype == torch.uint8 and stream.quantized.packed.shape[-1] == 32 * 2 // 8
+    assert stream.quantized.num_tokens == 16 and stream.tail.shape[-2] == 4
+    k2, _ = cache.update(k[..., :1, :], v[..., :1, :], 0)
+    assert k2.shape[-2] == 21
+    assert not torch.equal(k2[..., :16, :], k[..., :16, :])  # read back quantized
+    assert torch.equal(k2[..., 16:20, :], k[..., 16:20, :])  # residual window exact
+
+
+def test_wrong_plan_for_model_is_refused(tiny_model):
+    with pytest.raises(PlanError, match="has 30 layers but"):
+        load_cache(tiny_model, Plan.uniform("k4v4", 30))
+
+
+def test_beam_search_reorders_quantized_state(tiny_model):
+    ids, mask = _prompts()
+    out = tiny_model.generate(
+        input_ids=ids[:1], max_new_tokens=8, num_beams=2, do_sample=False, pad_token_id=0,
+        past_key_values=load_cache(tiny_model, Plan.uniform("k16v16", 3)),
+    )
+    ref = tiny_model.generate(input_ids=ids[:1], max_new_tokens=8, num_beams=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
