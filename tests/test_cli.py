@@ -1,0 +1,61 @@
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from kvtune.cli import app
+from tests.conftest import tiny_llama
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, default_model):
+    """A random tiny Llama with the default model's tokenizer, saved as a local HF directory."""
+    _, tokenizer = default_model
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama(vocab=len(tokenizer), dtype=__import__("torch").float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_ppl_table_on_a_local_model(tmp_path, tiny_model_dir):
+    out = tmp_path / "ppl"
+    result = runner.invoke(
+        app,
+        ["ppl", "--plan", "fp16", "--plan", "uniform:k2v2", "--model", tiny_model_dir,
+         "--windows", "2", "--seq-len", "96", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "ppl.csv")
+    assert list(table["plan"]) == ["fp16", "uniform:k2v2"]
+    assert table["nominal_bits"].tolist() == [16.0, 2.0]
+    assert table["ppl"][0] != table["ppl"][1]
+    assert (out / "ppl.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ppl", "--plan", "uniform:k3v3"], "unknown bit width 3"),
+        (["ppl", "--plan", "missing.json"], "plan file not found"),
+        (["ppl", "--plan", "fp16", "--model", "./no/such/dir"], "model directory not found"),
+        (["show-plan", "turbo"], "Known forms"),
+    ],
+)
+def test_bad_input_fails_cleanly_and_writes_nothing(tmp_path, args, message):
+    result = runner.invoke(app, args + (["--out", str(tmp_path / "o")] if args[0] == "ppl" else []))
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_with_wrong_layer_count_is_refused(tmp_path, tiny_model_dir):
+    from kvtune.plan import Plan
+
+    Plan.uniform("k4v4", 7).save(tmp_path / "p.json")
+    result = runner.invoke(app, ["ppl", "--plan", str(tmp_path / "p.json"), "--model", tiny_model_dir, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "has 7 layers but" in result.output
+    assert not (tmp_path / "o").exists()
