@@ -57,17 +57,34 @@ def simulated_attention(
     length = query.shape[-2]
     if key.shape[-2] != length:
         raise ValueError("simulated quantization covers a whole prefill: query and key lengths must match")
+    if not (layer.key.is_quantized or layer.value.is_quantized):
+        return _exact_attention(query, key, value, scaling, attention_mask)
+    return two_view_attention(
+        query,
+        key,
+        value,
+        _fake_quantize_prefix(key, layer.key, layer.residual),
+        _fake_quantize_prefix(value, layer.value, layer.residual),
+        seen_quantized(layer.key, layer.residual, length, query.device),
+        seen_quantized(layer.value, layer.residual, length, query.device),
+        scaling,
+        attention_mask,
+    )
+
+
+def two_view_attention(query, key, value, key_hat, value_hat, key_seen_hat, value_seen_hat, scaling, attention_mask=None):
+    """Causal attention where query t reads position i from ``key_hat``/``value_hat`` where the
+    (T, T) bool masks say so and from ``key``/``value`` elsewhere. GQA heads are repeated here."""
+    length = query.shape[-2]
     groups = query.shape[1] // key.shape[1]
-    k_hat = _fake_quantize_prefix(key, layer.key, layer.residual)
-    v_hat = _fake_quantize_prefix(value, layer.value, layer.residual)
 
     def rep(x):  # GQA: each KV head serves `groups` query heads
         return x.repeat_interleave(groups, dim=1)
 
     scores = torch.matmul(query, rep(key).transpose(-1, -2))
-    if layer.key.is_quantized:
-        scores_q = torch.matmul(query, rep(k_hat).transpose(-1, -2))
-        scores = torch.where(seen_quantized(layer.key, layer.residual, length, query.device), scores_q, scores)
+    if key_seen_hat.any():
+        scores_hat = torch.matmul(query, rep(key_hat).transpose(-1, -2))
+        scores = torch.where(key_seen_hat, scores_hat, scores)
     scores = scores * scaling
     if attention_mask is None:
         causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
@@ -75,10 +92,17 @@ def simulated_attention(
     else:
         scores = scores + attention_mask[..., :length]
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
-    if not layer.value.is_quantized:
+    if not value_seen_hat.any():
         return torch.matmul(probs, rep(value))
-    from_quantized = seen_quantized(layer.value, layer.residual, length, query.device).to(probs.dtype)
-    return torch.matmul(probs * from_quantized, rep(v_hat)) + torch.matmul(probs * (1 - from_quantized), rep(value))
+    from_hat = value_seen_hat.to(probs.dtype)
+    return torch.matmul(probs * from_hat, rep(value_hat)) + torch.matmul(probs * (1 - from_hat), rep(value))
+
+
+def _exact_attention(query, key, value, scaling, attention_mask):
+    mask = None if attention_mask is None else attention_mask[..., : key.shape[-2]]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True
+    )
 
 
 def _attention_interface(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
