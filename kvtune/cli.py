@@ -57,6 +57,55 @@ def run(
     ppl(plan=list(UNIFORM_BASELINES), model=model, data=data, seq_len=seq_len, windows=windows, seed=0, device=device, out=out)
 
 
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command()
+def profile(
+    model: str = typer.Option("default", help="Model to profile (see `kvtune ppl --help`)."),
+    data: str = typer.Option("enwiki", help="Calibration text (see `kvtune ppl --help`)."),
+    pairs: str = typer.Option("k16v16,k8v8,k8v4,k4v8,k4v4,k4v2,k2v4,k2v2", help="Candidate pairs, comma-separated."),
+    max_tokens: int = typer.Option(512, min=16, help="Tokens per calibration window."),
+    windows: int = typer.Option(8, min=1, help="Calibration windows (more: slower, less noisy)."),
+    batch_size: int = typer.Option(2, min=1),
+    key_mode: str = typer.Option("per-channel"),
+    value_mode: str = typer.Option("per-token"),
+    group_size: int = typer.Option(32, min=1),
+    residual: int = typer.Option(32, min=0),
+    validate_windows: int = typer.Option(2, min=1, help="Windows for the measured single-layer impact."),
+    validate_pair: str = typer.Option("k2v2", help="Pair measured at every layer."),
+    validate_layers: str = typer.Option("", help="Layers measured at every pair (default: first, middle, last)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
+    out: Path = typer.Option(Path("outputs/profile"), help="Folder for profile.csv, profile.json, heatmap.png."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard partial results in --out instead of resuming."),
+):
+    """Per-layer sensitivity to every candidate (K bits, V bits) pair; resumes an interrupted run."""
+    from kvtune.profiling import ProfileSettings, run_profile
+
+    try:
+        settings = ProfileSettings(
+            model=model, data=data, seq_len=max_tokens, windows=windows, batch_size=batch_size, seed=seed,
+            device=device, pairs=_csv(pairs), key_mode=key_mode, value_mode=value_mode, group_size=group_size,
+            residual=residual, validate_windows=validate_windows, validate_pair=validate_pair,
+            validate_layers=[int(x) for x in _csv(validate_layers)] or None,
+        )
+        result = run_profile(settings, out, fresh=fresh)
+    except ValueError as e:  # includes PlanError from a bad pair or mode
+        _fail(KvtuneError(str(e)))
+    except KvtuneError as e:
+        _fail(e)
+    summary = result.meta["summary"]
+    typer.echo(f"profile of {model}: {result.num_layers} layers × {len(result.pairs)} pairs, {result.meta['tokens']} tokens")
+    typer.echo(f"estimator used by search: {summary['estimator']} (column 'taylor')")
+    for name, rho in summary["spearman"].items():
+        typer.echo(f"  spearman {name:28s} {rho:+.3f}")
+    timings = result.meta["timings"]
+    typer.echo(f"time: sensitivity {timings.get('stage1_s', 0):.0f} s, measured validation {timings.get('stage2_s', 0):.0f} s")
+    typer.echo(f"written: {out}/profile.csv, profile.json, heatmap.png")
+
+
 @app.command("show-plan")
 def show_plan(
     plan: str = typer.Argument(..., help="Plan file or name."),

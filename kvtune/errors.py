@@ -15,3 +15,7 @@ class ModelError(KvtuneError):
 
 class DataError(KvtuneError):
     """The evaluation or calibration data cannot be found or is too short."""
+
+
+class ProfileError(KvtuneError):
+    """A profile artifact is missing, truncated, corrupt, or made for another model."""

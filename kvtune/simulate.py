@@ -23,7 +23,7 @@ _active_plan: Plan | None = None
 _registered = False
 
 
-def _fake_quantize_prefix(x: torch.Tensor, spec: QuantSpec, residual: int) -> torch.Tensor:
+def fake_quantize_prefix(x: torch.Tensor, spec: QuantSpec, residual: int) -> torch.Tensor:
     n = spec.quantized_tokens(x.shape[-2], residual)
     if n == 0:
         return x
@@ -63,8 +63,8 @@ def simulated_attention(
         query,
         key,
         value,
-        _fake_quantize_prefix(key, layer.key, layer.residual),
-        _fake_quantize_prefix(value, layer.value, layer.residual),
+        fake_quantize_prefix(key, layer.key, layer.residual),
+        fake_quantize_prefix(value, layer.value, layer.residual),
         seen_quantized(layer.key, layer.residual, length, query.device),
         seen_quantized(layer.value, layer.residual, length, query.device),
         scaling,

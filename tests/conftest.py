@@ -36,3 +36,13 @@ def default_model():
     from kvtune.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model):
+    """A random tiny Llama with the default model's tokenizer, saved as a local HF directory."""
+    _, tokenizer = default_model
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama(vocab=len(tokenizer), dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -3,19 +3,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kvtune.cli import app
-from tests.conftest import tiny_llama
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, default_model):
-    """A random tiny Llama with the default model's tokenizer, saved as a local HF directory."""
-    _, tokenizer = default_model
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_llama(vocab=len(tokenizer), dtype=__import__("torch").float32).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.mark.slow

@@ -1,0 +1,172 @@
+"""The profile artifact: ``profile.csv`` (one row per layer × pair) and ``profile.json`` (metadata).
+
+Documented in ``docs/profile-format.md``. :meth:`Profile.load` validates both files and their
+agreement; everything downstream (search, plots) reads a profile only through it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kvtune.errors import ProfileError
+from kvtune.plan import ModelShape, parse_pair
+
+SCHEMA = "kvtune.profile"
+SCHEMA_VERSION = 1
+TABLE_FILE, META_FILE, HEATMAP_FILE = "profile.csv", "profile.json", "heatmap.png"
+
+# name -> (dtype kind, must be finite, must be >= 0)
+COLUMNS = {
+    "layer": ("i", True, True),
+    "pair": ("O", True, False),
+    "k_bits": ("i", True, True),
+    "v_bits": ("i", True, True),
+    "nominal_bits": ("f", True, True),
+    "attn_err": ("f", True, True),
+    "attn_err_k": ("f", True, True),
+    "attn_err_v": ("f", True, True),
+    "taylor": ("f", True, True),
+    "taylor_signed": ("f", True, False),
+    "taylor_abs": ("f", True, True),
+    "taylor_elem": ("f", True, True),
+    "taylor_fisher": ("f", True, True),
+    "measured_dnll": ("f", False, False),  # NaN where not measured
+    "measured_kl": ("f", False, True),
+}
+
+
+@dataclass
+class Profile:
+    table: pd.DataFrame
+    meta: dict
+
+    @property
+    def pairs(self) -> list[str]:
+        return list(self.meta["pairs"])
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(**self.meta["shape"])
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape.num_layers
+
+    def matrix(self, column: str) -> np.ndarray:
+        """(layers, pairs) array of one column, pairs in the profile's order."""
+        wide = self.table.pivot(index="layer", columns="pair", values=column)
+        return wide[self.pairs].to_numpy(dtype=float)
+
+    def check_model(self, shape: ModelShape, name: str = "the model") -> None:
+        if shape != self.shape:
+            raise ProfileError(f"profile was made for {self.meta.get('model')} {self.shape}, not {name} {shape}")
+
+    # ---- files ---------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _validate(self.table, self.meta, folder)
+        for name, write in ((TABLE_FILE, lambda p: self.table.to_csv(p, index=False)),
+                            (META_FILE, lambda p: p.write_text(json.dumps(self.meta, indent=2) + "\n"))):
+            tmp = folder / (name + ".tmp")
+            write(tmp)
+            tmp.replace(folder / name)
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        folder = Path(path)
+        if folder.is_file():
+            folder = folder.parent
+        table_path, meta_path = folder / TABLE_FILE, folder / META_FILE
+        if not table_path.is_file() or not meta_path.is_file():
+            raise ProfileError(f"no profile at {folder}: expected {TABLE_FILE} and {META_FILE} (run `kvtune profile`)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ProfileError(f"{meta_path} is not valid JSON: {e}") from None
+        try:
+            table = pd.read_csv(table_path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise ProfileError(f"{table_path} is not a readable CSV table: {e}") from None
+        _validate(table, meta, folder)
+        return cls(table, meta)
+
+
+def _validate(table: pd.DataFrame, meta, where: Path) -> None:
+    if not isinstance(meta, dict):
+        raise ProfileError(f"{where}/{META_FILE} must hold a JSON object")
+    if meta.get("schema") != SCHEMA:
+        raise ProfileError(f"{where} is not a kvtune profile: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ProfileError(
+            f"{where}: profile schema_version {meta.get('schema_version')!r} is not supported (this kvtune reads {SCHEMA_VERSION})"
+        )
+    try:
+        shape = ModelShape(**meta["shape"])
+        pairs = [p.upper() for p in meta["pairs"]]
+        for p in pairs:
+            parse_pair(p)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProfileError(f"{where}/{META_FILE}: missing or malformed 'shape'/'pairs' ({e})") from None
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise ProfileError(f"{where}/{TABLE_FILE}: missing columns {missing}")
+    expected = shape.num_layers * len(pairs)
+    if len(table) != expected:
+        raise ProfileError(
+            f"{where}/{TABLE_FILE} is truncated or padded: {len(table)} rows, expected {shape.num_layers} layers × "
+            f"{len(pairs)} pairs = {expected}"
+        )
+    for column, (kind, finite, nonneg) in COLUMNS.items():
+        values = table[column]
+        if kind in "if" and not pd.api.types.is_numeric_dtype(values):
+            raise ProfileError(f"{where}/{TABLE_FILE}: column {column!r} is not numeric")
+        if finite and kind in "if" and not np.isfinite(values.to_numpy(dtype=float)).all():
+            raise ProfileError(f"{where}/{TABLE_FILE}: column {column!r} has missing or non-finite values")
+        if nonneg and kind in "if" and (values.dropna() < 0).any():
+            raise ProfileError(f"{where}/{TABLE_FILE}: column {column!r} has negative values")
+    seen = set(zip(table["layer"].tolist(), table["pair"].tolist()))
+    want = {(layer, pair) for layer in range(shape.num_layers) for pair in pairs}
+    if seen != want:
+        wrong = sorted(want ^ seen, key=str)[:3]
+        raise ProfileError(f"{where}/{TABLE_FILE}: rows do not cover every layer × pair once (e.g. {wrong})")
+
+
+def save_heatmap(profile: Profile, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("taylor", "Taylor estimate of Δloss per token (log10)"), ("attn_err", "attention-output rel. error (log10)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 1.1 * len(profile.pairs) * len(panels), 0.22 * profile.num_layers + 2))
+    for ax, (column, title) in zip(axes, panels):
+        values = profile.matrix(column)
+        floor = values[values > 0].min() if (values > 0).any() else 1e-12
+        image = ax.imshow(np.log10(np.maximum(values, floor)), aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(profile.pairs)), profile.pairs, rotation=45)
+        ax.set_ylabel("layer")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(image, ax=ax)
+    fig.suptitle(f"{profile.meta.get('model')} sensitivity ({profile.meta.get('tokens')} calibration tokens)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    mask = np.isfinite(a) & np.isfinite(b)
+    if mask.sum() < 3:
+        return math.nan
+    return float(spearmanr(np.asarray(a)[mask], np.asarray(b)[mask]).statistic)

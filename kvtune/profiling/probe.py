@@ -1,0 +1,162 @@
+"""The probe: one attention implementation that, in a single forward + backward over calibration
+windows, yields every layer's attention-output error for every candidate pair and the gradient
+of the loss with respect to the K/V *as read from the quantized store*.
+
+The gradient is taken at zero perturbation through a second view of K and V (``key + dk``) that
+only the positions a quantized cache would serve read (see :func:`kvtune.simulate.seen_quantized`);
+so ``dk.grad`` is exactly the first-order sensitivity of the loss to the rounding of those
+positions, and ``<dk.grad, K_hat - K>`` is the first-order change in loss for a pair.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtune.plan import LayerPlan
+from kvtune.quant import QuantSpec
+from kvtune.simulate import fake_quantize_prefix, seen_quantized, two_view_attention
+
+PROBE_NAME = "kvtune_probe"
+FP = QuantSpec(16)
+
+
+@dataclass
+class Candidates:
+    """The pairs under study and the quantization setting they share."""
+
+    pairs: list[tuple[int, int]]
+    key_mode: str
+    value_mode: str
+    group_size: int
+    residual: int
+
+    def key_spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits, self.key_mode, self.group_size)
+
+    def value_spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits, self.value_mode, self.group_size)
+
+    def layer_plan(self, k_bits: int, v_bits: int) -> LayerPlan:
+        return LayerPlan(self.key_spec(k_bits), self.value_spec(v_bits), self.residual)
+
+    @property
+    def key_bits(self) -> list[int]:
+        return sorted({k for k, _ in self.pairs if k != 16})
+
+    @property
+    def value_bits(self) -> list[int]:
+        return sorted({v for _, v in self.pairs if v != 16})
+
+
+@dataclass
+class LayerCapture:
+    key: torch.Tensor
+    value: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+
+
+@dataclass
+class ErrorSums:
+    """Sums of squared attention-output deviations, so errors pool over windows exactly."""
+
+    reference: float = 0.0
+    joint: dict = field(default_factory=dict)  # (k_bits, v_bits) -> float
+    key_only: dict = field(default_factory=dict)  # k_bits -> float
+    value_only: dict = field(default_factory=dict)  # v_bits -> float
+
+
+class Probe:
+    def __init__(self, candidates: Candidates, num_layers: int):
+        self.c = candidates
+        self.captures: dict[int, LayerCapture] = {}
+        self.errors = [ErrorSums() for _ in range(num_layers)]
+
+    def attention(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        layer, length = module.layer_idx, query.shape[-2]
+        dk = torch.zeros_like(key, requires_grad=True)
+        dv = torch.zeros_like(value, requires_grad=True)
+        self.captures[layer] = LayerCapture(key.detach(), value.detach(), dk, dv)
+        # Any width gives the same read pattern: it depends on mode, group and residual only.
+        key_seen = seen_quantized(self.c.key_spec(8), self.c.residual, length, query.device)
+        value_seen = seen_quantized(self.c.value_spec(8), self.c.residual, length, query.device)
+        out = two_view_attention(query, key, value, key + dk, value + dv, key_seen, value_seen, scaling, attention_mask)
+        with torch.no_grad():
+            self._accumulate_errors(layer, query.detach(), key.detach(), value.detach(), out.detach(), scaling, attention_mask)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _accumulate_errors(self, layer, q, k, v, out, scaling, mask) -> None:
+        """All one-sided and joint errors of this layer from 1 + |K widths| softmaxes.
+
+        Same arithmetic as :func:`~kvtune.simulate.simulated_attention` for each pair, with the
+        shared parts computed once: scores per K width, and P·V + (P⊙M)·(V̂ − V) per V width.
+        """
+        length, groups = q.shape[-2], q.shape[1] // k.shape[1]
+        residual = self.c.residual
+        key_seen = seen_quantized(self.c.key_spec(8), residual, length, q.device)
+        value_seen = seen_quantized(self.c.value_spec(8), residual, length, q.device).to(q.dtype)
+        if mask is None:
+            mask = torch.zeros(length, length, dtype=q.dtype, device=q.device).masked_fill(
+                ~torch.ones(length, length, dtype=torch.bool, device=q.device).tril(), float("-inf")
+            )
+        exact_scores = torch.matmul(q, k.repeat_interleave(groups, 1).transpose(-1, -2))
+        v_rep = v.repeat_interleave(groups, 1)
+        v_shift = {
+            b: (fake_quantize_prefix(v, self.c.value_spec(b), residual) - v).repeat_interleave(groups, 1)
+            for b in self.c.value_bits
+        }
+        sums = self.errors[layer]
+        sums.reference += out.double().pow(2).sum().item()
+
+        def deviation(approx) -> float:
+            return (approx.double() - out.double()).pow(2).sum().item()
+
+        for k_bits in [16] + self.c.key_bits:
+            scores = exact_scores
+            if k_bits != 16:
+                k_hat = fake_quantize_prefix(k, self.c.key_spec(k_bits), residual).repeat_interleave(groups, 1)
+                scores = torch.where(key_seen, torch.matmul(q, k_hat.transpose(-1, -2)), exact_scores)
+            probs = torch.softmax(scores * scaling + mask[..., :length], dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+            base = torch.matmul(probs, v_rep)
+            if k_bits != 16:
+                sums.key_only[k_bits] = sums.key_only.get(k_bits, 0.0) + deviation(base)
+            wanted = self.c.value_bits if k_bits == 16 else [vb for kb, vb in self.c.pairs if kb == k_bits and vb != 16]
+            masked = probs * value_seen if wanted else None
+            for v_bits in wanted:
+                approx = base + torch.matmul(masked, v_shift[v_bits])
+                if k_bits == 16:
+                    sums.value_only[v_bits] = sums.value_only.get(v_bits, 0.0) + deviation(approx)
+                else:
+                    sums.joint[(k_bits, v_bits)] = sums.joint.get((k_bits, v_bits), 0.0) + deviation(approx)
+
+    def first_order_terms(self, layer: int) -> dict[str, dict[int, torch.Tensor]]:
+        """Per window (dim 0): sum of g⊙Δ, of |g⊙Δ| and of (g⊙Δ)² for each K width and V width."""
+        cap = self.captures[layer]
+        terms: dict[str, dict[int, torch.Tensor]] = {"k": {}, "v": {}}
+        for name, x, grad, bits_list, spec_of in (
+            ("k", cap.key, cap.dk.grad, self.c.key_bits, self.c.key_spec),
+            ("v", cap.value, cap.dv.grad, self.c.value_bits, self.c.value_spec),
+        ):
+            for b in bits_list:
+                gd = (grad * (fake_quantize_prefix(x, spec_of(b), self.c.residual) - x)).double().flatten(1)
+                terms[name][b] = torch.stack([gd.sum(1), gd.abs().sum(1), gd.pow(2).sum(1)], dim=1)
+        return terms
+
+
+@contextmanager
+def probing(model, probe: Probe):
+    """Route the model's attention through ``probe`` (registered once with transformers)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(PROBE_NAME, probe.attention)
+    AttentionMaskInterface.register(PROBE_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(PROBE_NAME)
+    try:
+        yield probe
+    finally:
+        model.set_attn_implementation(previous)

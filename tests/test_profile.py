@@ -1,0 +1,183 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import kvtune.profiling.profile as profile_module
+from kvtune.errors import ProfileError
+from kvtune.plan import ModelShape
+from kvtune.profiling import Profile, ProfileSettings, run_profile
+from kvtune.profiling.measure import LayerReplay
+
+
+def _settings(model_dir, **kw):
+    base = dict(model=model_dir, seq_len=64, windows=2, batch_size=1, group_size=8, residual=4, validate_windows=1)
+    base.update(kw)
+    return ProfileSettings(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    return run_profile(_settings(tiny_model_dir), out, progress=False), out
+
+
+def test_profile_writes_table_metadata_and_heatmap(tiny_profile):
+    profile, out = tiny_profile
+    assert (out / "profile.csv").is_file() and (out / "profile.json").is_file() and (out / "heatmap.png").is_file()
+    assert len(profile.table) == 3 * 8
+    meta = json.loads((out / "profile.json").read_text())
+    assert meta["tokens"] == 2 * 63 and meta["shape"]["num_layers"] == 3
+    assert set(meta["summary"]["spearman"]) >= {"taylor_vs_kl", "taylor_vs_dnll"}
+    reloaded = Profile.load(out)
+    pd.testing.assert_frame_equal(reloaded.table, profile.table, check_exact=False, rtol=1e-12)
+
+
+def test_error_is_zero_at_16_bits_and_grows_as_bits_drop(tiny_profile):
+    profile, _ = tiny_profile
+    t = profile.table.set_index(["layer", "pair"])
+    for layer in range(3):
+        assert t.loc[(layer, "K16V16"), ["attn_err", "taylor", "attn_err_k", "attn_err_v"]].eq(0).all()
+        for column in ("attn_err", "taylor"):
+            chain = [t.loc[(layer, p), column] for p in ("K8V8", "K4V4", "K2V2")]
+            assert 0 < chain[0] < chain[1] < chain[2], (layer, column, chain)
+        k_only = [t.loc[(layer, p), "attn_err_k"] for p in ("K8V8", "K4V4", "K2V2")]
+        v_only = [t.loc[(layer, p), "attn_err_v"] for p in ("K8V8", "K4V4", "K2V2")]
+        assert k_only == sorted(k_only) and v_only == sorted(v_only)
+    measured = profile.table.dropna(subset=["measured_kl"])
+    assert set(measured["layer"]) == {0, 1, 2}  # every layer at the aggressive pair
+
+
+def test_profile_is_deterministic(tiny_model_dir, tiny_profile, tmp_path):
+    again = run_profile(_settings(tiny_model_dir), tmp_path, progress=False)
+    pd.testing.assert_frame_equal(again.table, tiny_profile[0].table)
+
+
+def test_resume_skips_finished_work(tiny_model_dir, tmp_path, monkeypatch):
+    settings = _settings(tiny_model_dir)
+    real_batch, real_measure = profile_module._profile_batch, LayerReplay.single_layer_impact
+    calls = {"batch": 0, "measure": 0}
+
+    def counting_batch(*a, **k):
+        calls["batch"] += 1
+        return real_batch(*a, **k)
+
+    def interrupted_measure(self, *a, **k):
+        calls["measure"] += 1
+        if calls["measure"] == 3:
+            raise KeyboardInterrupt
+        return real_measure(self, *a, **k)
+
+    monkeypatch.setattr(profile_module, "_profile_batch", counting_batch)
+    monkeypatch.setattr(LayerReplay, "single_layer_impact", interrupted_measure)
+    with pytest.raises(KeyboardInterrupt):
+        run_profile(settings, tmp_path, progress=False)
+    assert calls == {"batch": 2, "measure": 3}
+    total = len(profile_module._validation_targets(settings, 3))
+
+    calls.update(batch=0, measure=0)
+    monkeypatch.setattr(LayerReplay, "single_layer_impact", lambda self, *a, **k: (calls.__setitem__("measure", calls["measure"] + 1), real_measure(self, *a, **k))[1])
+    run_profile(settings, tmp_path, progress=False)
+    assert calls == {"batch": 0, "measure": total - 2}  # the two finished layers are not measured again
+
+
+def test_resume_with_other_settings_is_refused(tiny_model_dir, tiny_profile):
+    _, out = tiny_profile
+    with pytest.raises(ProfileError, match="other settings; use --fresh"):
+        run_profile(_settings(tiny_model_dir, seed=5), out, progress=False)
+
+
+def test_bad_pairs_fail_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="unknown bit width 3"):
+        run_profile(ProfileSettings(model="/no/such/model", pairs=["k3v3"]), tmp_path)
+    with pytest.raises(ProfileError, match="listed twice"):
+        run_profile(ProfileSettings(model="/no/such/model", pairs=["k4v4", "K4V4"]), tmp_path)
+
+
+def _copy(profile: Profile, folder):
+    profile.save(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda f: (f / "profile.csv").write_text("\n".join((f / "profile.csv").read_text().splitlines()[:-3])), "truncated"),
+        (lambda f: (f / "profile.json").write_text("{oops"), "not valid JSON"),
+        (lambda f: (f / "profile.csv").unlink(), "no profile at"),
+        (lambda f: (f / "profile.csv").write_text(""), "not a readable CSV"),
+        (lambda f: _edit_meta(f, schema_version=9), "schema_version 9 is not supported"),
+        (lambda f: _edit_meta(f, schema="kvtune.plan"), "not a kvtune profile"),
+        (lambda f: _edit_table(f, "taylor", np.nan), "non-finite"),
+        (lambda f: _edit_table(f, "attn_err", -1.0), "negative"),
+        (lambda f: _edit_table(f, "taylor", "abc"), "not numeric"),
+        (lambda f: _edit_table(f, "layer", 0), "every layer × pair once"),
+    ],
+)
+def test_corrupt_profiles_are_rejected(tiny_profile, tmp_path, corrupt, message):
+    folder = _copy(tiny_profile[0], tmp_path / "p")
+    corrupt(folder)
+    with pytest.raises(ProfileError, match=message):
+        Profile.load(folder)
+
+
+def _edit_meta(folder, **changes):
+    meta = json.loads((folder / "profile.json").read_text())
+    meta.update(changes)
+    (folder / "profile.json").write_text(json.dumps(meta))
+
+
+def _edit_table(folder, column, value):
+    table = pd.read_csv(folder / "profile.csv")
+    table[column] = table[column].astype(object)
+    table.loc[len(table) // 2, column] = value  # a row of a middle layer
+    table.to_csv(folder / "profile.csv", index=False)
+
+
+def test_profile_for_another_model_is_refused(tiny_profile):
+    with pytest.raises(ProfileError, match="was made for"):
+        tiny_profile[0].check_model(ModelShape(30, 3, 64))
+
+
+def test_layer_replay_matches_the_full_forward(tiny_model):
+    import torch
+
+    from kvtune.perplexity import token_nll
+    from kvtune.plan import LayerPlan, Plan
+
+    torch.manual_seed(0)
+    windows = torch.randint(3, 256, (2, 40))
+    replay = LayerReplay(tiny_model, windows)
+    plan = Plan((LayerPlan.from_pair("k16v16"), LayerPlan.from_pair("k2v2", group_size=8, residual=2), LayerPlan.from_pair("k16v16")))
+    logprobs = replay.logprobs_with(plan, start_layer=1)
+    nll = -logprobs.gather(-1, windows[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(nll, token_nll(tiny_model, windows, plan), atol=1e-9)
+
+
+def test_probe_errors_equal_simulated_attention_per_pair():
+    """The probe shares work between pairs; each number must still be what simulation gives."""
+    import torch
+
+    from kvtune.profiling.probe import Candidates, Probe
+    from kvtune.simulate import simulated_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 40, 32, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 40, 32, dtype=torch.float64), torch.randn(2, 2, 40, 32, dtype=torch.float64)
+    c = Candidates([(16, 16), (8, 4), (4, 4), (4, 2), (2, 4), (2, 2), (16, 2), (2, 16)], "per-channel", "per-token", 8, 4)
+    probe = Probe(c, 1)
+    exact = simulated_attention(q, k, v, c.layer_plan(16, 16), 0.3)
+    probe._accumulate_errors(0, q, k, v, exact, 0.3, None)
+    sums = probe.errors[0]
+
+    def direct(kb, vb):
+        return (simulated_attention(q, k, v, c.layer_plan(kb, vb), 0.3) - exact).pow(2).sum().item()
+
+    assert sums.reference == pytest.approx(exact.pow(2).sum().item())
+    for kb in (8, 4, 2):
+        assert sums.key_only[kb] == pytest.approx(direct(kb, 16), rel=1e-9)
+    for vb in (4, 2):
+        assert sums.value_only[vb] == pytest.approx(direct(16, vb), rel=1e-9)
+    for pair in [(8, 4), (4, 4), (4, 2), (2, 4), (2, 2)]:
+        assert sums.joint[pair] == pytest.approx(direct(*pair), rel=1e-9)
