@@ -73,7 +73,7 @@ def profile(
     value_mode: str = typer.Option("per-token"),
     group_size: int = typer.Option(32, min=1),
     residual: int = typer.Option(32, min=0),
-    validate_windows: int = typer.Option(2, min=1, help="Windows for the measured single-layer impact."),
+    validate_windows: int = typer.Option(2, min=0, help="Windows for the measured single-layer impact (0: skip it)."),
     validate_pair: str = typer.Option("k2v2", help="Pair measured at every layer."),
     validate_layers: str = typer.Option("", help="Layers measured at every pair (default: first, middle, last)."),
     seed: int = typer.Option(0),
@@ -104,6 +104,44 @@ def profile(
     timings = result.meta["timings"]
     typer.echo(f"time: sensitivity {timings.get('stage1_s', 0):.0f} s, measured validation {timings.get('stage2_s', 0):.0f} s")
     typer.echo(f"written: {out}/profile.csv, profile.json, heatmap.png")
+
+
+@app.command()
+def search(
+    budget: str = typer.Option(..., help="'3.25bits' (mean nominal K/V bits, KVTuner's unit) or '2GiB@32k' (real bytes at a context)."),
+    profile: Path = typer.Option(Path("outputs/profile"), help="Folder written by `kvtune profile`."),
+    batch: int = typer.Option(1, min=1, help="Batch size for a bytes budget."),
+    context: int = typer.Option(32768, min=1, help="Context for the bytes column when the budget is in bits."),
+    groups: int = typer.Option(8, min=1, help="Layer groups that share one pair (outlier layers stand alone)."),
+    generations: int = typer.Option(150, min=1),
+    pop_size: int = typer.Option(100, min=4),
+    verify: int = typer.Option(3, min=0, help="Best predicted plans to measure on verification text (0: pick by prediction)."),
+    verify_windows: int = typer.Option(4, min=1),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
+    out: Path = typer.Option(Path("outputs/search"), help="Folder for front.csv, front.png, plan.json, search.json."),
+):
+    """Pareto front of per-layer plans under a budget, and the best measured plan as a plan file."""
+    from kvtune.search import SearchSettings, run_search
+
+    settings = SearchSettings(profile=str(profile), budget=budget, batch=batch, context=context, groups=groups,
+                              generations=generations, pop_size=pop_size, verify=verify, verify_windows=verify_windows,
+                              seed=seed, device=device)
+    try:
+        result = run_search(settings, out)
+    except KvtuneError as e:
+        _fail(e)
+    meta, plan = result.meta, result.plan
+    space = meta["space"]
+    typer.echo(f"space: 10^{space['log10_full']:.1f} plans, 10^{space['log10_after_pruning']:.1f} after pruning, "
+               f"10^{space['log10_after_clustering']:.1f} after clustering into {len(space['groups'])} groups")
+    check = meta["exact_check"]
+    typer.echo(f"NSGA-II: {meta['front_size']} plans on the front in {meta['nsga2_seconds']:.1f} s; largest gap to the "
+               f"exact optimum over {len(check['budgets'])} budgets: {check['max_gap']:.2%} (tolerance {check['tolerance']:.0%})")
+    md = plan.metadata
+    typer.echo(f"chosen: {md['nominal_bits']:.3f} nominal bits, {md['cache_bytes'] / 2**20:.1f} MiB at {md['context']} tokens "
+               f"({md['effective_bits']:.2f} effective bits), pairs {sorted(set(plan.pairs))}")
+    typer.echo(f"written: {out}/front.csv, front.png, plan.json, search.json")
 
 
 @app.command("show-plan")

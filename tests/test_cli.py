@@ -48,3 +48,18 @@ def test_plan_with_wrong_layer_count_is_refused(tmp_path, tiny_model_dir):
     assert result.exit_code == 2
     assert "has 7 layers but" in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_profile_command_on_a_local_model(tmp_path, tiny_model_dir):
+    out = tmp_path / "prof"
+    args = ["profile", "--model", tiny_model_dir, "--windows", "2", "--max-tokens", "48", "--batch-size", "2",
+            "--group-size", "8", "--residual", "4", "--validate-windows", "1", "--pairs", "k16v16,k4v4,k2v2",
+            "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "spearman taylor_vs_kl" in result.output
+    assert (out / "profile.csv").is_file() and (out / "heatmap.png").is_file()
+    bad = runner.invoke(app, ["profile", "--model", tiny_model_dir, "--pairs", "k4v5", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "unknown bit width 5" in bad.output
+    assert not (tmp_path / "bad").exists()

@@ -63,7 +63,7 @@ class ProfileSettings:
     value_mode: str = DEFAULT_VALUE_MODE
     group_size: int = DEFAULT_GROUP_SIZE
     residual: int = DEFAULT_RESIDUAL
-    validate_windows: int = 2
+    validate_windows: int = 2  # 0 skips the measured validation (no Spearman in the summary)
     validate_pair: str = "k2v2"
     validate_layers: list[int] | None = None  # None: first, middle and last layer
 
@@ -250,7 +250,8 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
         start = time.perf_counter()
         state.save()
 
-    targets = [t for t in _validation_targets(settings, shape.num_layers) if f"{t[0]}:{t[1]}" not in state.data["measured"]]
+    targets = [] if settings.validate_windows == 0 else _validation_targets(settings, shape.num_layers)
+    targets = [t for t in targets if f"{t[0]}:{t[1]}" not in state.data["measured"]]
     if targets:
         start = time.perf_counter()
         replay = LayerReplay(model, windows[: settings.validate_windows].to(device))

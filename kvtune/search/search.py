@@ -1,0 +1,257 @@
+"""``kvtune search``: from a profile to a Pareto front and one chosen, measured plan.
+
+1. Memory of every (layer, pair) in the budget's unit; an impossible budget stops here.
+2. Intra-layer pruning and inter-layer clustering (:mod:`kvtune.search.space`).
+3. NSGA-II over the clustered space (:mod:`kvtune.search.nsga`), checked against the exact
+   optimum of the additive objective (:mod:`kvtune.search.exact`) at a grid of budgets.
+4. ``verify`` best predicted plans under the budget (and the exact optimum) are measured on
+   verification windows — text that neither calibration nor held-out evaluation uses — and the
+   best measured one is the chosen plan.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kvtune.plan import LayerPlan, ModelShape, Plan, parse_pair
+from kvtune.profiling.artifact import Profile
+from kvtune.search.budget import Budget, BudgetError, parse_budget
+from kvtune.search.exact import evaluate, exact_optimum
+from kvtune.search.nsga import nsga2_front
+from kvtune.search.space import SearchSpace, build_space, nondominated
+
+UNIFORM_REFERENCES = ("k8v8", "k8v4", "k4v8", "k4v4", "k4v2", "k2v4", "k2v2")
+FRONT_FILE, PLOT_FILE, PLAN_FILE, META_FILE = "front.csv", "front.png", "plan.json", "search.json"
+
+
+@dataclass
+class SearchSettings:
+    profile: str = "outputs/profile"
+    budget: str = "3.25bits"
+    batch: int = 1
+    context: int = 32768  # context for the bytes column when the budget is in bits
+    groups: int = 8
+    seed: int = 0
+    pop_size: int = 100
+    generations: int = 150
+    gap_budgets: int = 12  # budgets at which NSGA-II is checked against the exact optimum
+    gap_tolerance: float = 0.02
+    verify: int = 3
+    verify_windows: int = 4
+    verify_seq_len: int = 512
+    model: str | None = None  # default: the profile's
+    data: str | None = None  # default: the profile's
+    device: str = "cpu"
+
+
+@dataclass
+class SearchResult:
+    front: pd.DataFrame
+    plan: Plan
+    meta: dict
+
+
+def layer_plans(profile: Profile) -> list[LayerPlan]:
+    """The profile's candidate pairs as layer settings (its modes, group and residual)."""
+    s = profile.meta["settings"]
+    return [
+        LayerPlan.from_pair(p, key_mode=s["key_mode"], value_mode=s["value_mode"], group_size=s["group_size"], residual=s["residual"])
+        for p in profile.pairs
+    ]
+
+
+def memory_tables(profile: Profile, budget: Budget, context: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(nominal-bit shares, bytes per layer) as (layers, pairs) arrays, and the context used for bytes."""
+    shape, candidates = profile.shape, layer_plans(profile)
+    context = budget.context or context
+    bits = np.array([c.nominal_bits for c in candidates]) / shape.num_layers
+    per_layer_bytes = np.array([c.cache_bytes(context, shape, budget.batch) for c in candidates], dtype=float)
+    n = shape.num_layers
+    return np.tile(bits, (n, 1)), np.tile(per_layer_bytes, (n, 1)), context
+
+
+def _budget_text(budget: Budget, value: float) -> str:
+    if budget.kind == "bits":
+        return f"{value:.4g}bits"
+    return f"{value / 2**20:.1f}MiB@{budget.context}"
+
+
+def plan_from_pairs(profile: Profile, pair_indices: list[int], name: str, metadata: dict | None = None) -> Plan:
+    candidates = layer_plans(profile)
+    return Plan(
+        tuple(candidates[j] for j in pair_indices),
+        name=name,
+        model=profile.meta.get("model", ""),
+        shape=profile.shape,
+        metadata=metadata or {},
+    )
+
+
+def _memory_figures(plan: Plan, shape: ModelShape, context: int, batch: int) -> dict:
+    nbytes = plan.cache_bytes(shape, context, batch)
+    fp = Plan.uniform("k16v16", shape.num_layers).cache_bytes(shape, context, batch)
+    return {"nominal_bits": plan.nominal_bits(), "cache_bytes": nbytes, "context": context, "batch": batch,
+            "effective_bits": 16 * nbytes / fp}
+
+
+def check_against_exact(space: SearchSpace, F: np.ndarray, budgets: np.ndarray) -> pd.DataFrame:
+    rows = []
+    for b in budgets:
+        x = exact_optimum(space, b)
+        if x is None:
+            continue
+        optimum, _ = evaluate(space, x)
+        within = F[F[:, 1] <= b * (1 + 1e-9)]
+        found = within[:, 0].min() if len(within) else np.inf
+        gap = (found - optimum) / optimum if optimum > 0 else (0.0 if found == optimum else np.inf)
+        rows.append({"budget": float(b), "exact": optimum, "nsga2": float(found), "gap": float(gap)})
+    return pd.DataFrame(rows)
+
+
+def run_search(settings: SearchSettings, out: str | Path, progress: bool = True) -> SearchResult:
+    budget = parse_budget(settings.budget, settings.batch)  # a bad budget fails before any work
+    profile = Profile.load(settings.profile)
+    out = Path(out)
+    started = time.perf_counter()
+    pairs = [parse_pair(p) for p in profile.pairs]
+    cost = profile.matrix("taylor")
+    bits, nbytes, context = memory_tables(profile, budget, settings.context)
+    memory = bits if budget.kind == "bits" else nbytes
+    smallest = memory.min(axis=1).sum()
+    if smallest > budget.value * (1 + 1e-12):
+        raise BudgetError(
+            f"budget {settings.budget} is impossible with the profiled pairs: the smallest feasible budget is "
+            f"{_budget_text(budget, smallest)}"
+        )
+
+    space = build_space(pairs, cost, memory, settings.groups)
+    bar = tqdm(total=settings.generations, desc="search: NSGA-II", disable=not progress, leave=False)
+    X, F = nsga2_front(space, budget.value, settings.seed, settings.pop_size, settings.generations, bar)
+    bar.close()
+    nsga_seconds = time.perf_counter() - started
+    gaps = check_against_exact(space, F, np.linspace(smallest, budget.value, settings.gap_budgets))
+    exact_x = exact_optimum(space, budget.value)
+
+    # The front table: NSGA-II's non-dominated plans, plus the exact optimum at the budget, with
+    # anything the exact optimum dominates dropped.
+    candidates = [("nsga2", x) for x in X]
+    if exact_x is not None and not any(np.array_equal(exact_x, x) for x in X):
+        candidates.append(("exact", exact_x))
+    # Rounded so that equal memory summed in another order still compares equal.
+    objectives = np.round(np.array([evaluate(space, x) for _, x in candidates]), 9)
+    candidates = [candidates[i] for i in nondominated(objectives[:, 0], objectives[:, 1])]
+    plans, records = [], []
+    for i, (source, x) in enumerate(candidates):
+        plan = plan_from_pairs(profile, space.layer_pairs(x), name=f"front-{i}")
+        plans.append(plan)
+        records.append({"id": i, "source": source, "predicted_loss": evaluate(space, x)[0],
+                        **_memory_figures(plan, profile.shape, context, budget.batch),
+                        "pairs": ",".join(plan.pairs), "verified_nll": np.nan, "chosen": False})
+    front = pd.DataFrame(records)
+
+    # The measured choice: the best predicted plans and the exact optimum, measured.
+    to_verify = front.sort_values("predicted_loss").index.tolist()[: settings.verify]
+    exact_rows = [i for i, (_, x) in enumerate(candidates) if exact_x is not None and np.array_equal(x, exact_x)]
+    if settings.verify:
+        to_verify = list(dict.fromkeys(to_verify + exact_rows))
+    if settings.verify:
+        nll = _verify(profile, settings, [plans[i] for i in to_verify], progress)
+        front.loc[to_verify, "verified_nll"] = nll
+        chosen = to_verify[int(np.argmin(nll))]
+    else:
+        chosen = int(front["predicted_loss"].idxmin())
+    front.loc[chosen, "chosen"] = True
+
+    row = front.loc[chosen]
+    plan = plans[chosen]
+    plan.name = f"kvtune:{settings.budget}"
+    plan.metadata = {
+        "budget": settings.budget,
+        "predicted_loss": float(row["predicted_loss"]),
+        "verified_nll": None if np.isnan(row["verified_nll"]) else float(row["verified_nll"]),
+        **_memory_figures(plan, profile.shape, context, budget.batch),
+        "profile": str(settings.profile),
+        "search": {k: v for k, v in asdict(settings).items() if k not in ("profile", "device")},
+    }
+    meta = {
+        "budget": {"text": settings.budget, **asdict(budget)},
+        "space": {
+            "log10_full": space.full_size,
+            "log10_after_pruning": space.pruned_size,
+            "log10_after_clustering": space.size,
+            "groups": space.groups,
+            "choices": [[profile.pairs[j] for j in c] for c in space.choices],
+        },
+        "nsga2_seconds": nsga_seconds,
+        "front_size": int(len(front)),
+        "exact_check": {"tolerance": settings.gap_tolerance, "max_gap": float(gaps["gap"].max()) if len(gaps) else None,
+                        "budgets": gaps.to_dict(orient="records")},
+        "chosen": int(chosen),
+        "seconds": time.perf_counter() - started,
+    }
+    _write(out, front, plan, meta, profile, cost, bits, budget, context)
+    return SearchResult(front, plan, meta)
+
+
+def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progress: bool) -> list[float]:
+    from kvtune.data import load_windows
+    from kvtune.models import load_model
+    from kvtune.perplexity import token_nll
+
+    meta_settings = profile.meta["settings"]
+    model, tokenizer = load_model(settings.model or meta_settings["model"], settings.device)
+    windows = load_windows(tokenizer, "verification", settings.verify_seq_len, settings.verify_windows, settings.seed,
+                           settings.data or meta_settings["data"])
+    return [token_nll(model, windows, plan).mean().item() for plan in tqdm(plans, desc="search: verify", disable=not progress)]
+
+
+def _write(out: Path, front, plan, meta, profile, cost, bits, budget, context) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    front.to_csv(out / FRONT_FILE, index=False)
+    plan.save(out / PLAN_FILE)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=float) + "\n")
+    _plot(out / PLOT_FILE, front, profile, cost, budget, context)
+
+
+def uniform_reference(profile: Profile, pair: str, context: int, batch: int) -> dict:
+    """Predicted loss and memory of a uniform plan under the profile's settings."""
+    j = [p.lower() for p in profile.pairs].index(pair.lower())
+    plan = plan_from_pairs(profile, [j] * profile.num_layers, name=f"uniform:{pair.lower()}")
+    return {"plan": plan, "predicted_loss": float(profile.matrix("taylor")[:, j].sum()),
+            **_memory_figures(plan, profile.shape, context, batch)}
+
+
+def _plot(path: Path, front: pd.DataFrame, profile: Profile, cost, budget: Budget, context: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_col, x_label = ("nominal_bits", "mean nominal bits") if budget.kind == "bits" else ("cache_bytes", f"cache MiB at {context} tokens")
+    scale = 1.0 if budget.kind == "bits" else 2**-20
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot(front[x_col] * scale, front["predicted_loss"], "o-", ms=3, label="kvtune front (NSGA-II)")
+    for pair in UNIFORM_REFERENCES:
+        if pair.upper() not in profile.pairs:
+            continue
+        ref = uniform_reference(profile, pair, context, budget.batch)
+        ax.plot(ref[x_col] * scale, ref["predicted_loss"], "s", color="tab:red", ms=5)
+        ax.annotate(pair.upper(), (ref[x_col] * scale, ref["predicted_loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    chosen = front[front["chosen"]]
+    ax.plot(chosen[x_col] * scale, chosen["predicted_loss"], "*", color="gold", ms=14, mec="k", label="chosen plan")
+    ax.axvline(budget.value * scale, color="gray", ls="--", lw=1, label=f"budget {budget.text}")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("predicted loss increase (Σ taylor)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{profile.meta.get('model')}: Pareto front vs uniform plans", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
