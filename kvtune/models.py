@@ -61,6 +61,12 @@ def _convert_default(target: Path) -> None:
     tmp.replace(target)  # an interrupted conversion never looks finished
 
 
+def canonical_name(name: str | None) -> str:
+    """The name results are labelled with: aliases of the default model become one name."""
+    name = (name or "default").strip()
+    return DEFAULT_MODEL if name.lower() in _DEFAULT_ALIASES else name
+
+
 def resolve_model_path(name: str | None) -> str:
     """Local directory (converting the default model once) or a hub id, as a from_pretrained argument."""
     name = (name or "default").strip()

@@ -63,3 +63,11 @@ def test_profile_command_on_a_local_model(tmp_path, tiny_model_dir):
     bad = runner.invoke(app, ["profile", "--model", tiny_model_dir, "--pairs", "k4v5", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "unknown bit width 5" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_search_command_errors(tmp_path):
+    result = runner.invoke(app, ["search", "--budget", "3.25", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "accepted forms" in result.output
+    result = runner.invoke(app, ["search", "--budget", "3bits", "--profile", str(tmp_path / "none"), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "no profile at" in result.output
+    assert not (tmp_path / "s").exists()

@@ -128,3 +128,25 @@ def test_bytes_budget(tmp_path):
                         tmp_path / "s", progress=False)
     assert (result.front["cache_bytes"] <= fp / 2 * 1.0001).all()
     assert result.plan.metadata["context"] == 4096
+
+
+@pytest.mark.slow
+def test_searched_plan_is_verified_and_runs_generate(tiny_model_dir, tmp_path):
+    import torch
+
+    from kvtune.cache import load_cache
+    from kvtune.models import load_model
+    from kvtune.profiling import run_profile
+    from tests.test_profile import _settings
+
+    run_profile(_settings(tiny_model_dir), tmp_path / "p", progress=False)
+    settings = SearchSettings(profile=str(tmp_path / "p"), budget="5bits", groups=2, verify=2, verify_windows=1, verify_seq_len=64)
+    result = run_search(settings, tmp_path / "s", progress=False)
+    verified = result.front.dropna(subset=["verified_nll"])
+    assert len(verified) >= 2
+    assert result.front.loc[result.front["chosen"], "verified_nll"].item() == verified["verified_nll"].min()
+    plan = Plan.load(tmp_path / "s" / "plan.json")
+    model, tokenizer = load_model(tiny_model_dir)
+    ids = tokenizer(["The river", "A long time ago in"], return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(**ids, past_key_values=load_cache(model, plan), max_new_tokens=12, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 12

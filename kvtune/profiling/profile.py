@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from kvtune.data import DEFAULT_DATA, load_windows
 from kvtune.errors import ProfileError
-from kvtune.models import DEFAULT_MODEL, load_model, model_shape
+from kvtune.models import DEFAULT_MODEL, canonical_name, load_model, model_shape
 from kvtune.plan import DEFAULT_GROUP_SIZE, DEFAULT_KEY_MODE, DEFAULT_RESIDUAL, DEFAULT_VALUE_MODE, parse_pair
 from kvtune.profiling.artifact import HEATMAP_FILE, SCHEMA, SCHEMA_VERSION, Profile, save_heatmap, spearman
 from kvtune.profiling.measure import LayerReplay
@@ -266,7 +266,7 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
     meta = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "model": settings.model,
+        "model": canonical_name(settings.model),
         "shape": vars(shape),
         "pairs": [_pair_name(k, v) for k, v in c.pairs],
         "settings": asdict(settings),
