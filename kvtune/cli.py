@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -31,30 +32,96 @@ def ppl(
     out: Path = typer.Option(Path("outputs/ppl"), help="Folder for the table (CSV) and its metadata (JSON)."),
 ):
     """Held-out perplexity of each plan, with K/V quantized exactly as the cache would store them."""
-    from kvtune.eval import PerplexitySettings, perplexity_table, save_table
+    from kvtune.eval import EvalSettings, evaluate_plans, save_table
 
-    settings = PerplexitySettings(model=model, data=data, seq_len=seq_len, windows=windows, seed=seed, device=device, plans=plan)
+    settings = EvalSettings(model=model, data=data, seq_len=seq_len, windows=windows, seed=seed, device=device, plans=plan)
     try:
-        table = perplexity_table(settings)
+        table = evaluate_plans(settings)
     except KvtuneError as e:
         _fail(e)
     _print_table(table)
     typer.echo(f"\nwritten: {save_table(table, settings, out)}")
 
 
+@app.command("eval")
+def eval_command(
+    plan: list[str] = typer.Option([], "--plan", "-p", help="Plan file or name; repeatable. FP16 and uniform baselines are added."),
+    baselines: str = typer.Option("fp16,uniform:k8v8,uniform:k4v4,uniform:k4v2,uniform:k2v2", help="Comma-separated; '' for none."),
+    tasks: str = typer.Option("analogy,needle,agreement", help="Accuracy tasks (analogy, needle, agreement); '' for PPL only."),
+    items: int = typer.Option(24, min=1, help="Items per task."),
+    needle_context: int = typer.Option(1536, min=64, help="Haystack tokens for the needle task."),
+    model: str = typer.Option("default"),
+    data: str = typer.Option("enwiki"),
+    seq_len: int = typer.Option(512, min=8),
+    windows: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
+    out: Path = typer.Option(Path("outputs/eval"), help="Folder for eval.csv, eval.json, eval.png."),
+):
+    """Held-out PPL and task accuracy of plans (answers generated through the quantized cache) against baselines."""
+    from kvtune.eval import EvalSettings, evaluate_plans, save_table
+
+    plans = list(dict.fromkeys(_csv(baselines) + list(plan)))
+    if not plans:
+        _fail(KvtuneError("nothing to evaluate: give --plan or keep the baselines"))
+    settings = EvalSettings(model=model, data=data, seq_len=seq_len, windows=windows, seed=seed, device=device, plans=plans,
+                            tasks=_csv(tasks), task_items=items, needle_context=needle_context)
+    try:
+        table = evaluate_plans(settings)
+    except KvtuneError as e:
+        _fail(e)
+    _print_table(table)
+    typer.echo(f"\nwritten: {save_table(table, settings, out, stem='eval')}, eval.png")
+
+
+@app.command()
+def export(
+    plan: str = typer.Option(..., "--plan", "-p", help="Plan file or name."),
+    format: str = typer.Option("kvtune", "--format", "-f", help="kvtune | hf-quantized-cache | llama.cpp"),
+    out: Optional[Path] = typer.Option(None, help="Output file (default outputs/export/<format>.json)."),
+    nearest: bool = typer.Option(False, "--nearest", help="Round layers the target cannot express up to its nearest setting."),
+    backend: str = typer.Option("quanto", help="QuantizedCache backend for hf-quantized-cache (quanto, hqq)."),
+    layers: int = typer.Option(30, help="Layer count for a named plan (a file states its own)."),
+):
+    """Write a plan in a form serving code reads; refuse what the target cannot express."""
+    from kvtune.export import export_plan
+    from kvtune.plan import resolve_plan
+
+    try:
+        p = resolve_plan(plan, layers)
+        result = export_plan(p, format, out or Path("outputs/export") / f"{format}.json", nearest=nearest, backend=backend)
+    except KvtuneError as e:
+        _fail(e)
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"written: {result.path}")
+
+
 @app.command()
 def run(
     model: str = typer.Option("default", help="Model to tune (see `kvtune ppl --help`)."),
     data: str = typer.Option("enwiki", help="Calibration/evaluation text (see `kvtune ppl --help`)."),
-    windows: int = typer.Option(8, min=1),
-    seq_len: int = typer.Option(512, min=8),
+    budget: str = typer.Option("3.25bits", help="Search budget (see `kvtune search --help`)."),
+    items: int = typer.Option(16, min=1, help="Items per accuracy task."),
     device: str = typer.Option("cpu"),
     out: Path = typer.Option(Path("outputs/run")),
 ):
-    """The main job on the embedded default model and data: FP16 against uniform K8V8, K4V4, K2V2."""
-    from kvtune.eval import UNIFORM_BASELINES
-
-    ppl(plan=list(UNIFORM_BASELINES), model=model, data=data, seq_len=seq_len, windows=windows, seed=0, device=device, out=out)
+    """The main job: profile → search → eval → export on the default model and data."""
+    typer.secho("[1/4] profile", bold=True)
+    profile(model=model, data=data, pairs="k16v16,k8v8,k8v4,k4v8,k4v4,k4v2,k2v4,k2v2", max_tokens=512, windows=8,
+            batch_size=2, key_mode="per-channel", value_mode="per-token", group_size=32, residual=32, validate_windows=2,
+            validate_pair="k2v2", validate_layers="", seed=0, device=device, out=out / "profile", fresh=False)
+    typer.secho(f"[2/4] search --budget {budget}", bold=True)
+    search(budget=budget, profile=out / "profile", batch=1, context=32768, groups=8, generations=150, pop_size=100,
+           verify=3, verify_windows=4, seed=0, device=device, out=out / "search")
+    typer.secho("[3/4] eval", bold=True)
+    eval_command(plan=[str(out / "search" / "plan.json")], baselines="fp16,uniform:k8v8,uniform:k4v4,uniform:k4v2,uniform:k2v2",
+                 tasks="analogy,needle,agreement", items=items, needle_context=1536, model=model, data=data, seq_len=512,
+                 windows=8, seed=0, device=device, out=out / "eval")
+    typer.secho("[4/4] export", bold=True)
+    for fmt in ("kvtune", "hf-quantized-cache", "llama.cpp"):
+        export(plan=str(out / "search" / "plan.json"), format=fmt, out=out / "export" / f"{fmt}.json", nearest=True,
+               backend="quanto", layers=30)
 
 
 def _csv(text: str) -> list[str]:

@@ -1,4 +1,9 @@
-"""Compare plans on held-out text: the table behind ``kvtune run`` and ``kvtune ppl``."""
+"""Compare plans on held-out text and tasks: the table behind ``kvtune eval``, ``ppl`` and ``run``.
+
+Perplexity uses simulated quantization (exactly what decoding through the cache would see);
+task answers are generated through :class:`~kvtune.cache.MixedPrecisionCache`, so they really
+read quantized K/V.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,27 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from kvtune.data import DEFAULT_DATA, load_windows
-from kvtune.models import DEFAULT_MODEL, load_model, model_shape
+from kvtune import tasks
+from kvtune.cache import MixedPrecisionCache
+from kvtune.data import DEFAULT_DATA, load_corpus, load_windows, token_stream
+from kvtune.errors import KvtuneError
+from kvtune.models import DEFAULT_MODEL, canonical_name, load_model, model_shape
 from kvtune.perplexity import token_nll
 from kvtune.plan import Plan, resolve_plan
 
 UNIFORM_BASELINES = ("fp16", "uniform:k8v8", "uniform:k4v4", "uniform:k2v2")
+EVAL_BASELINES = ("fp16", "uniform:k8v8", "uniform:k4v4", "uniform:k4v2", "uniform:k2v2")
 
 
 @dataclass
-class PerplexitySettings:
+class EvalSettings:
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA
     split: str = "heldout"
@@ -32,11 +42,32 @@ class PerplexitySettings:
     device: str = "cpu"
     context_for_bytes: int = 32768  # memory column: the cache at this context, batch 1
     plans: list[str] = field(default_factory=lambda: list(UNIFORM_BASELINES))
+    tasks: list[str] = field(default_factory=list)  # subset of kvtune.tasks.TASKS
+    task_items: int = 24
+    needle_context: int = 1536  # tokens of haystack; SmolLM2 reads 8192
+    agreement_prompt: int = 256
+    agreement_tokens: int = 32
 
 
-def perplexity_table(settings: PerplexitySettings, progress: bool = True) -> pd.DataFrame:
-    """One row per plan: nominal bits, real cache bytes at ``context_for_bytes``, and held-out PPL
-    with K/V quantized as the plan says (simulated exactly as decoding through the cache)."""
+def _build_tasks(settings: EvalSettings, tokenizer) -> dict:
+    built = {}
+    if "analogy" in settings.tasks:
+        built["analogy"] = tasks.analogy_items(settings.task_items, settings.seed)
+    if "needle" in settings.tasks:
+        documents = load_corpus(settings.data)[settings.split]["text"]
+        built["needle"] = tasks.needle_items(tokenizer, documents, settings.task_items, settings.needle_context, settings.seed)
+    if "agreement" in settings.tasks:
+        prompts = load_windows(tokenizer, settings.split, settings.agreement_prompt, settings.task_items, settings.seed + 1, settings.data)
+        built["agreement"] = [tokenizer.decode(p) for p in prompts]
+    return built
+
+
+def evaluate_plans(settings: EvalSettings, progress: bool = True) -> pd.DataFrame:
+    """One row per plan: nominal bits, real cache bytes at ``context_for_bytes``, held-out PPL,
+    and each task's accuracy."""
+    unknown = sorted(set(settings.tasks) - set(tasks.TASKS))
+    if unknown:
+        raise KvtuneError(f"unknown task(s) {unknown}; available: {list(tasks.TASKS)}")
     for spec in settings.plans:  # a typo in a plan name should not cost a model load first
         resolve_plan(spec, num_layers=1)
     model, tokenizer = load_model(settings.model, settings.device)
@@ -45,35 +76,73 @@ def perplexity_table(settings: PerplexitySettings, progress: bool = True) -> pd.
     for plan in plans:  # refuse a bad plan before spending time on the others
         plan.check_model(shape, settings.model)
     windows = load_windows(tokenizer, settings.split, settings.seq_len, settings.windows, settings.seed, settings.data)
-    fp_bytes = Plan.uniform("k16v16", shape.num_layers).cache_bytes(shape, settings.context_for_bytes)
+    built = _build_tasks(settings, tokenizer)
+    fp_plan = Plan.uniform("k16v16", shape.num_layers)
+    fp_bytes = fp_plan.cache_bytes(shape, settings.context_for_bytes)
+    reference = None
+    if "agreement" in built:
+        reference = tasks.generate(model, tokenizer, built["agreement"], lambda: MixedPrecisionCache(fp_plan), settings.agreement_tokens)
     rows = []
-    for plan in plans:
+    for spec, plan in zip(tqdm(settings.plans, desc="eval", disable=not progress), plans):
         start = time.perf_counter()
-        nll = token_nll(model, windows, plan, settings.batch_size, progress=progress)
         cache_bytes = plan.cache_bytes(shape, settings.context_for_bytes)
-        rows.append(
-            {
-                "plan": plan.name or "(file)",
-                "nominal_bits": plan.nominal_bits(),
-                f"cache_MiB@{settings.context_for_bytes // 1024}k": cache_bytes / 2**20,
-                "effective_bits": 16 * cache_bytes / fp_bytes,
-                "ppl": math.exp(nll.mean().item()),
-                "seconds": time.perf_counter() - start,
-            }
-        )
+        row = {
+            "plan": plan.name or spec,
+            "nominal_bits": plan.nominal_bits(),
+            f"cache_MiB@{settings.context_for_bytes // 1024}k": cache_bytes / 2**20,
+            "effective_bits": 16 * cache_bytes / fp_bytes,
+            "ppl": math.exp(token_nll(model, windows, plan, settings.batch_size).mean().item()),
+        }
+
+        def new_cache(plan=plan):
+            return MixedPrecisionCache(plan)
+
+        if "analogy" in built:
+            row["analogy_acc"] = tasks.accuracy(model, tokenizer, built["analogy"], new_cache, max_new_tokens=4, batch_size=8)
+        if "needle" in built:
+            row["needle_acc"] = tasks.accuracy(model, tokenizer, built["needle"], new_cache, max_new_tokens=8, batch_size=4)
+        if "agreement" in built:
+            generated = tasks.generate(model, tokenizer, built["agreement"], new_cache, settings.agreement_tokens)
+            row["fp16_agreement"] = tasks.agreement(reference, generated)
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def save_table(table: pd.DataFrame, settings: PerplexitySettings, out_dir: str | Path, stem: str = "ppl") -> Path:
+def save_table(table: pd.DataFrame, settings: EvalSettings, out_dir: str | Path, stem: str = "ppl") -> Path:
     import transformers
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / f"{stem}.csv", index=False)
     meta = {
-        "settings": vars(settings),
-        "tokens_per_plan": settings.windows * (settings.seq_len - 1),
+        "model": canonical_name(settings.model),
+        "settings": asdict(settings),
+        "ppl_tokens_per_plan": settings.windows * (settings.seq_len - 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if len(table) > 1:
+        save_plot(table, out_dir / f"{stem}.png")
     return out_dir / f"{stem}.csv"
+
+
+def save_plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["ppl"] + [c for c in ("analogy_acc", "needle_acc", "fp16_agreement") if c in table.columns]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        ax.scatter(table["nominal_bits"], table[metric])
+        for _, row in table.iterrows():
+            ax.annotate(row["plan"].replace("uniform:", ""), (row["nominal_bits"], row[metric]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("mean nominal bits")
+        ax.set_ylabel(metric)
+        ax.set_xscale("log", base=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+
+from kvtune.errors import PlanError
+from kvtune.export import export_plan
+from kvtune.plan import LayerPlan, ModelShape, Plan
+
+SHAPE = ModelShape(4, 3, 64)
+
+
+def _mixed():
+    return Plan(tuple(LayerPlan.from_pair(p) for p in ("k8v4", "k4v2", "k4v4", "k2v2")), name="mixed", shape=SHAPE)
+
+
+def test_kvtune_export_round_trips_losslessly(tmp_path):
+    plan = _mixed()
+    result = export_plan(plan, "kvtune", tmp_path / "plan.json")
+    assert Plan.load(result.path) == plan
+
+
+def test_plan_for_a_different_layer_count_is_refused(tmp_path, tiny_model):
+    from kvtune.cache import load_cache
+
+    export_plan(_mixed(), "kvtune", tmp_path / "plan.json")
+    with pytest.raises(PlanError, match="has 4 layers but"):
+        load_cache(tiny_model, Plan.load(tmp_path / "plan.json"))
+
+
+def test_uniform_plan_exports_to_transformers_and_llama_cpp(tmp_path):
+    plan = Plan.uniform("k4v4", 4, group_size=64, residual=128)
+    hf = json.loads(export_plan(plan, "hf-quantized-cache", tmp_path / "hf.json").path.read_text())
+    assert hf["cache_implementation"] == "quantized"
+    assert hf["cache_config"] == {"backend": "quanto", "nbits": 4, "axis_key": 0, "axis_value": 0, "q_group_size": 64, "residual_length": 128}
+    cpp = json.loads(export_plan(Plan.uniform("k8v4", 4), "llama.cpp", tmp_path / "cpp.json").path.read_text())
+    assert cpp["args"] == ["--cache-type-k", "q8_0", "--cache-type-v", "q4_1"]
+
+
+def test_mixed_plans_are_refused_or_rounded_up(tmp_path):
+    with pytest.raises(PlanError, match="cannot express layer 1: a different pair"):
+        export_plan(_mixed(), "llama.cpp", tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+    with pytest.raises(PlanError, match="layer 0: a different pair|layer 0: K8 differs"):
+        export_plan(_mixed(), "hf-quantized-cache", tmp_path / "x.json")
+    with pytest.raises(PlanError, match="V2 is not among llama.cpp's widths"):
+        export_plan(Plan.uniform("k4v2", 4), "llama.cpp", tmp_path / "x.json")
+    result = export_plan(_mixed(), "llama.cpp", tmp_path / "cpp.json", nearest=True)
+    assert json.loads(result.path.read_text())["args"] == ["--cache-type-k", "q8_0", "--cache-type-v", "q4_1"]
+    assert any("rounded up to K8V4" in n for n in result.notes) and any("MiB" in n for n in result.notes)
+    hf = export_plan(_mixed(), "hf-quantized-cache", tmp_path / "hf.json", nearest=True, backend="hqq")
+    assert json.loads(hf.path.read_text())["cache_config"]["nbits"] == 8
+    with pytest.raises(PlanError, match="unknown export format"):
+        export_plan(_mixed(), "tensorrt", tmp_path / "t.json")
+
+
+def test_eval_of_the_16_bit_plan_reproduces_fp16_exactly(tiny_model):
+    from kvtune import tasks
+    from kvtune.cache import MixedPrecisionCache
+    from kvtune.perplexity import token_nll
+
+    torch.manual_seed(0)
+    windows = torch.randint(3, 256, (2, 48))
+    assert torch.equal(token_nll(tiny_model, windows, Plan.uniform("k16v16", 3)), token_nll(tiny_model, windows, None))
+
+    class ByteTokenizer:  # enough of a tokenizer for generate() on the tiny vocabulary
+        pad_token_id = 0
+
+        def __call__(self, texts, return_tensors=None, padding=None, padding_side=None):
+            ids = [[3 + (ord(ch) % 250) for ch in t] for t in texts]
+            width = max(map(len, ids))
+            input_ids = torch.tensor([[0] * (width - len(r)) + r for r in ids])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+            return _Batch(input_ids=input_ids, attention_mask=mask)
+
+    prompts = ["an example prompt", "another, longer example prompt"]
+    reference = tiny_model.generate(**ByteTokenizer()(prompts), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    ours = tasks.generate(tiny_model, ByteTokenizer(), prompts, lambda: MixedPrecisionCache(Plan.uniform("k16v16", 3)), 10)
+    assert [r[-10:].tolist() for r in reference] == ours
+    assert tasks.agreement(ours, ours) == 1.0
+
+
+class _Batch(dict):
+    def to(self, device):
+        return self
+
+
+def test_task_scoring():
+    from kvtune.tasks import agreement, is_correct
+
+    assert is_correct(" Germany.\nParis", "Germany") and not is_correct(" France", "Germany")
+    assert is_correct(" to take part in the", "to take part in")
+    assert agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]]) == 0.5
+
+
+@pytest.mark.slow
+def test_tasks_come_from_real_files(default_model):
+    from kvtune.data import load_corpus
+    from kvtune.tasks import analogy_items, needle_items
+
+    items = analogy_items(5, seed=1)
+    assert len(items) == 5 and all(it.prompt.count("\n") == 4 and it.prompt.endswith(" is to") for it in items)
+    _, tokenizer = default_model
+    documents = load_corpus()["heldout"]["text"]
+    needles = needle_items(tokenizer, documents, 3, 512, seed=0)
+    for item in needles:
+        prefix = item.prompt.rsplit("Earlier in this text: ", 1)[1]
+        assert (prefix + " " + item.answer) in item.prompt  # the planted sentence holds the answer
