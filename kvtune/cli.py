@@ -102,7 +102,8 @@ def run(
     model: str = typer.Option("default", help="Model to tune (see `kvtune ppl --help`)."),
     data: str = typer.Option("enwiki", help="Calibration/evaluation text (see `kvtune ppl --help`)."),
     budget: str = typer.Option("3.25bits", help="Search budget (see `kvtune search --help`)."),
-    items: int = typer.Option(16, min=1, help="Items per accuracy task."),
+    items: int = typer.Option(12, min=1, help="Items per accuracy task."),
+    needle_context: int = typer.Option(1024, min=64, help="Haystack tokens for the needle task."),
     device: str = typer.Option("cpu"),
     out: Path = typer.Option(Path("outputs/run")),
 ):
@@ -116,7 +117,7 @@ def run(
            verify=3, verify_windows=4, seed=0, device=device, out=out / "search")
     typer.secho("[3/4] eval", bold=True)
     eval_command(plan=[str(out / "search" / "plan.json")], baselines="fp16,uniform:k8v8,uniform:k4v4,uniform:k4v2,uniform:k2v2",
-                 tasks="analogy,needle,agreement", items=items, needle_context=1536, model=model, data=data, seq_len=512,
+                 tasks="analogy,needle,agreement", items=items, needle_context=needle_context, model=model, data=data, seq_len=512,
                  windows=8, seed=0, device=device, out=out / "eval")
     typer.secho("[4/4] export", bold=True)
     for fmt in ("kvtune", "hf-quantized-cache", "llama.cpp"):

@@ -71,3 +71,28 @@ def test_search_command_errors(tmp_path):
     result = runner.invoke(app, ["search", "--budget", "3bits", "--profile", str(tmp_path / "none"), "--out", str(tmp_path / "s")])
     assert result.exit_code == 2 and "no profile at" in result.output
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_eval_command_on_a_local_model(tmp_path, tiny_model_dir):
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["eval", "--plan", "uniform:k2v2", "--baselines", "fp16", "--tasks", "analogy,agreement",
+                                 "--items", "2", "--model", tiny_model_dir, "--windows", "1", "--seq-len", "64", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "eval.csv")
+    assert list(table["plan"]) == ["fp16", "uniform:k2v2"]
+    assert {"ppl", "analogy_acc", "fp16_agreement"} <= set(table.columns)
+    assert table.loc[0, "fp16_agreement"] == 1.0  # the 16-bit cache reproduces FP16 generation
+    assert (out / "eval.png").is_file()
+    bad = runner.invoke(app, ["eval", "--tasks", "trivia", "--model", tiny_model_dir, "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "unknown task(s) ['trivia']" in bad.output
+
+
+def test_export_command(tmp_path):
+    refused = runner.invoke(app, ["export", "--plan", "uniform:k4v2", "--format", "llama.cpp", "--out", str(tmp_path / "a.json")])
+    assert refused.exit_code == 2 and "V2 is not among llama.cpp's widths" in refused.output
+    assert not (tmp_path / "a.json").exists()
+    rounded = runner.invoke(app, ["export", "--plan", "uniform:k4v2", "--format", "llama.cpp", "--nearest", "--out", str(tmp_path / "a.json")])
+    assert rounded.exit_code == 0 and "rounded up to K4V4" in rounded.output
+    unknown = runner.invoke(app, ["export", "--plan", "fp16", "--format", "vllm", "--out", str(tmp_path / "b.json")])
+    assert unknown.exit_code == 2 and "unknown export format" in unknown.output
