@@ -11,6 +11,7 @@ from kvtune.errors import KvtuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Layer-wise mixed-precision KV cache quantization.")
 
+
 def _fail(error: KvtuneError) -> None:
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
