@@ -93,6 +93,10 @@ def export(
         result = export_plan(p, format, out or Path("outputs/export") / f"{format}.json", nearest=nearest, backend=backend)
     except KvtuneError as e:
         _fail(e)
+    _report_export(result)
+
+
+def _report_export(result) -> None:
     for note in result.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"written: {result.path}")
@@ -108,22 +112,31 @@ def run(
     device: str = typer.Option("cpu"),
     out: Path = typer.Option(Path("outputs/run")),
 ):
-    """The main job: profile → search → eval → export on the default model and data."""
-    typer.secho("[1/4] profile", bold=True)
-    profile(model=model, data=data, pairs="k16v16,k8v8,k8v4,k4v8,k4v4,k4v2,k2v4,k2v2", max_tokens=512, windows=8,
-            batch_size=2, key_mode="per-channel", value_mode="per-token", group_size=32, residual=32, validate_windows=2,
-            validate_pair="k2v2", validate_layers="", seed=0, device=device, out=out / "profile", fresh=False)
-    typer.secho(f"[2/4] search --budget {budget}", bold=True)
-    search(budget=budget, profile=out / "profile", batch=1, context=32768, groups=8, generations=150, pop_size=100,
-           verify=3, verify_windows=4, seed=0, device=device, out=out / "search")
-    typer.secho("[3/4] eval", bold=True)
-    eval_command(plan=[str(out / "search" / "plan.json")], baselines="fp16,uniform:k8v8,uniform:k4v4,uniform:k4v2,uniform:k2v2",
-                 tasks="analogy,needle,agreement", items=items, needle_context=needle_context, model=model, data=data, seq_len=512,
-                 windows=8, seed=0, device=device, out=out / "eval")
-    typer.secho("[4/4] export", bold=True)
-    for fmt in ("kvtune", "hf-quantized-cache", "llama.cpp"):
-        export(plan=str(out / "search" / "plan.json"), format=fmt, out=out / "export" / f"{fmt}.json", nearest=True,
-               backend="quanto", layers=30)
+    """The main job: profile → search → eval → export on the default model and data, each step
+    with its own defaults."""
+    from kvtune.eval import EVAL_BASELINES, EvalSettings, evaluate_plans, save_table
+    from kvtune.export import FORMATS, export_plan
+    from kvtune.profiling import ProfileSettings, run_profile
+    from kvtune.search import SearchSettings, run_search
+    from kvtune.tasks import TASKS
+
+    try:
+        typer.secho("[1/4] profile", bold=True)
+        _report_profile(run_profile(ProfileSettings(model=model, data=data, device=device), out / "profile"), out / "profile")
+        typer.secho(f"[2/4] search --budget {budget}", bold=True)
+        result = run_search(SearchSettings(profile=str(out / "profile"), budget=budget, device=device), out / "search")
+        _report_search(result, out / "search")
+        typer.secho("[3/4] eval", bold=True)
+        settings = EvalSettings(model=model, data=data, device=device, plans=list(EVAL_BASELINES) + [str(out / "search" / "plan.json")],
+                                tasks=list(TASKS), task_items=items, needle_context=needle_context)
+        table = evaluate_plans(settings)
+        _print_table(table)
+        typer.echo(f"\nwritten: {save_table(table, settings, out / 'eval', stem='eval')}, eval.png")
+        typer.secho("[4/4] export", bold=True)
+        for fmt in FORMATS:
+            _report_export(export_plan(result.plan, fmt, out / "export" / f"{fmt}.json", nearest=True))
+    except KvtuneError as e:
+        _fail(e)
 
 
 def _csv(text: str) -> list[str]:
@@ -165,8 +178,12 @@ def profile(
         _fail(KvtuneError(str(e)))
     except KvtuneError as e:
         _fail(e)
+    _report_profile(result, out)
+
+
+def _report_profile(result, out: Path) -> None:
     summary = result.meta["summary"]
-    typer.echo(f"profile of {model}: {result.num_layers} layers × {len(result.pairs)} pairs, {result.meta['tokens']} tokens")
+    typer.echo(f"profile of {result.meta['model']}: {result.num_layers} layers × {len(result.pairs)} pairs, {result.meta['tokens']} tokens")
     typer.echo(f"estimator used by search: {summary['estimator']} (column 'taylor')")
     for name, rho in summary["spearman"].items():
         typer.echo(f"  spearman {name:28s} {rho:+.3f}")
@@ -200,6 +217,10 @@ def search(
         result = run_search(settings, out)
     except KvtuneError as e:
         _fail(e)
+    _report_search(result, out)
+
+
+def _report_search(result, out: Path) -> None:
     meta, plan = result.meta, result.plan
     space = meta["space"]
     typer.echo(f"space: 10^{space['log10_full']:.1f} plans, 10^{space['log10_after_pruning']:.1f} after pruning, "

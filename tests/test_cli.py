@@ -96,3 +96,15 @@ def test_export_command(tmp_path):
     assert rounded.exit_code == 0 and "rounded up to K4V4" in rounded.output
     unknown = runner.invoke(app, ["export", "--plan", "fp16", "--format", "vllm", "--out", str(tmp_path / "b.json")])
     assert unknown.exit_code == 2 and "unknown export format" in unknown.output
+
+
+@pytest.mark.slow
+def test_main_job_runs_end_to_end_on_a_local_model(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "--model", tiny_model_dir, "--items", "2", "--needle-context", "128", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for path in ("profile/profile.csv", "search/plan.json", "search/front.csv", "eval/eval.csv", "export/kvtune.json",
+                 "export/hf-quantized-cache.json", "export/llama.cpp.json"):
+        assert (out / path).is_file(), path
+    table = pd.read_csv(out / "eval" / "eval.csv")
+    assert table["plan"].iloc[-1] == "kvtune:3.25bits" and len(table) == 6
