@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from kvtune import tasks
 from kvtune.cache import MixedPrecisionCache
-from kvtune.data import DEFAULT_DATA, load_corpus, load_windows, token_stream
+from kvtune.data import DEFAULT_DATA, load_corpus, load_windows
 from kvtune.errors import KvtuneError
 from kvtune.models import DEFAULT_MODEL, canonical_name, load_model, model_shape
 from kvtune.perplexity import token_nll

@@ -6,7 +6,6 @@ from kvtune.cache import MixedPrecisionCache, load_cache
 from kvtune.errors import PlanError
 from kvtune.models import model_shape
 from kvtune.plan import LayerPlan, Plan
-from kvtune.quant import QuantSpec
 
 
 def _prompts(vocab=256):

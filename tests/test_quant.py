@@ -7,7 +7,6 @@ from kvtune.errors import PlanError
 from kvtune.quant import (
     QuantSpec,
     choose_qparams,
-    dequantize_codes,
     fake_quantize,
     pack,
     quantize,

@@ -132,8 +132,6 @@ def test_bytes_budget(tmp_path):
 
 @pytest.mark.slow
 def test_searched_plan_is_verified_and_runs_generate(tiny_model_dir, tmp_path):
-    import torch
-
     from kvtune.cache import load_cache
     from kvtune.models import load_model
     from kvtune.profiling import run_profile
