@@ -78,7 +78,6 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True) -> pd.DataFram
     windows = load_windows(tokenizer, settings.split, settings.seq_len, settings.windows, settings.seed, settings.data)
     built = _build_tasks(settings, tokenizer)
     fp_plan = Plan.uniform("k16v16", shape.num_layers)
-    fp_bytes = fp_plan.cache_bytes(shape, settings.context_for_bytes)
     reference = None
     if "agreement" in built:
         reference = tasks.generate(model, tokenizer, built["agreement"], lambda: MixedPrecisionCache(fp_plan), settings.agreement_tokens)
@@ -90,7 +89,7 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True) -> pd.DataFram
             "plan": plan.name or spec,
             "nominal_bits": plan.nominal_bits(),
             f"cache_MiB@{settings.context_for_bytes // 1024}k": cache_bytes / 2**20,
-            "effective_bits": 16 * cache_bytes / fp_bytes,
+            "effective_bits": plan.effective_bits(shape, settings.context_for_bytes),
             "ppl": math.exp(token_nll(model, windows, plan, settings.batch_size).mean().item()),
         }
 

@@ -127,6 +127,10 @@ class Plan:
     def cache_bytes(self, shape: ModelShape, tokens: int, batch: int = 1) -> int:
         return sum(layer.cache_bytes(tokens, shape, batch) for layer in self.layers)
 
+    def effective_bits(self, shape: ModelShape, tokens: int, batch: int = 1) -> float:
+        """Real bytes relative to an unquantized cache of the same shape, in bits per element."""
+        return 16 * self.cache_bytes(shape, tokens, batch) / Plan.uniform("k16v16", len(self.layers)).cache_bytes(shape, tokens, batch)
+
     def check_model(self, shape: ModelShape, model_name: str = "the model") -> None:
         """Refuse a plan written for another architecture, before any forward pass."""
         if len(self.layers) != shape.num_layers:
