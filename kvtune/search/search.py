@@ -95,10 +95,8 @@ def plan_from_pairs(profile: Profile, pair_indices: list[int], name: str, metada
 
 
 def _memory_figures(plan: Plan, shape: ModelShape, context: int, batch: int) -> dict:
-    nbytes = plan.cache_bytes(shape, context, batch)
-    fp = Plan.uniform("k16v16", shape.num_layers).cache_bytes(shape, context, batch)
-    return {"nominal_bits": plan.nominal_bits(), "cache_bytes": nbytes, "context": context, "batch": batch,
-            "effective_bits": 16 * nbytes / fp}
+    return {"nominal_bits": plan.nominal_bits(), "cache_bytes": plan.cache_bytes(shape, context, batch), "context": context,
+            "batch": batch, "effective_bits": plan.effective_bits(shape, context, batch)}
 
 
 def check_against_exact(space: SearchSpace, F: np.ndarray, budgets: np.ndarray) -> pd.DataFrame:
@@ -145,23 +143,23 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
     if exact_x is not None and not any(np.array_equal(exact_x, x) for x in X):
         candidates.append(("exact", exact_x))
     # Rounded so that equal memory summed in another order still compares equal.
-    objectives = np.round(np.array([evaluate(space, x) for _, x in candidates]), 9)
-    candidates = [candidates[i] for i in nondominated(objectives[:, 0], objectives[:, 1])]
+    objectives = np.array([evaluate(space, x) for _, x in candidates])
+    rounded = np.round(objectives, 9)
+    kept = nondominated(rounded[:, 0], rounded[:, 1])
     plans, records = [], []
-    for i, (source, x) in enumerate(candidates):
+    for i, j in enumerate(kept):
+        source, x = candidates[j]
         plan = plan_from_pairs(profile, space.layer_pairs(x), name=f"front-{i}")
         plans.append(plan)
-        records.append({"id": i, "source": source, "predicted_loss": evaluate(space, x)[0],
+        records.append({"id": i, "source": source, "predicted_loss": objectives[j, 0],
                         **_memory_figures(plan, profile.shape, context, budget.batch),
                         "pairs": ",".join(plan.pairs), "verified_nll": np.nan, "chosen": False})
     front = pd.DataFrame(records)
 
     # The measured choice: the best predicted plans and the exact optimum, measured.
-    to_verify = front.sort_values("predicted_loss").index.tolist()[: settings.verify]
-    exact_rows = [i for i, (_, x) in enumerate(candidates) if exact_x is not None and np.array_equal(x, exact_x)]
     if settings.verify:
-        to_verify = list(dict.fromkeys(to_verify + exact_rows))
-    if settings.verify:
+        exact_rows = [i for i, j in enumerate(kept) if exact_x is not None and np.array_equal(candidates[j][1], exact_x)]
+        to_verify = list(dict.fromkeys(front.sort_values("predicted_loss").index.tolist()[: settings.verify] + exact_rows))
         nll = _verify(profile, settings, [plans[i] for i in to_verify], progress)
         front.loc[to_verify, "verified_nll"] = nll
         chosen = to_verify[int(np.argmin(nll))]
