@@ -6,7 +6,15 @@ tokens are quantized, the rest wait in the tail (KIVI's residual window). Tokens
 current forward call are attended in full precision by that same call, as a real kernel does with
 freshly computed K/V; they are read back quantized from the next call on.
 
-This is the reference path (dequantize everything, then the model's usual attention).
+Two ways to read it:
+
+* the reference path (any device): ``update`` returns K/V dequantized in full and the model's
+  usual attention runs over them;
+* the fused path (CUDA, see :mod:`kvtune.fused`): ``update`` only stores, and the attention reads
+  the packed prefix and the tail directly with the Triton decode kernel.
+
+On CUDA new tokens are quantized and packed by the Triton kernel, which writes the same bytes as
+the PyTorch quantizer.
 """
 
 from __future__ import annotations
@@ -14,8 +22,38 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kvtune import fused
 from kvtune.plan import LayerPlan, Plan
 from kvtune.quant import QuantizedTensor, QuantSpec, quantize
+
+
+def _quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    if x.is_cuda:
+        from kvtune.kernels import quantize as kernel
+
+        if kernel.supports(x.shape, spec):
+            return kernel.quantize_pack(x, spec)
+    return quantize(x, spec)
+
+
+class _Growable:
+    """A tensor that grows along dim -2 into spare capacity, so appending is not a full copy."""
+
+    def __init__(self, first: torch.Tensor):
+        self.buffer, self.length = first, first.shape[-2]
+
+    def append(self, chunk: torch.Tensor) -> None:
+        needed = self.length + chunk.shape[-2]
+        if needed > self.buffer.shape[-2]:
+            grown = self.buffer.new_empty(*self.buffer.shape[:-2], max(needed, 2 * self.buffer.shape[-2]), self.buffer.shape[-1])
+            grown[..., : self.length, :] = self.view
+            self.buffer = grown
+        self.buffer[..., self.length : needed, :] = chunk
+        self.length = needed
+
+    @property
+    def view(self) -> torch.Tensor:
+        return self.buffer[..., : self.length, :]
 
 
 class _Stream:
@@ -23,36 +61,68 @@ class _Stream:
 
     def __init__(self, spec: QuantSpec, residual: int):
         self.spec, self.residual = spec, residual
-        self.quantized: QuantizedTensor | None = None
+        self._store: tuple[_Growable, _Growable, _Growable] | None = None  # packed, scale, zero
+        self._dtype: torch.dtype | None = None
         self.tail: torch.Tensor | None = None
 
     @property
-    def num_quantized(self) -> int:
-        return 0 if self.quantized is None else self.quantized.num_tokens
+    def quantized(self) -> QuantizedTensor | None:
+        if self._store is None:
+            return None
+        packed, scale, zero = (g.view for g in self._store)
+        return QuantizedTensor(packed, scale, zero, self.spec, self._dtype)
 
-    def append(self, new: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_quantized(self) -> int:
+        return 0 if self._store is None else self._store[0].length
+
+    @property
+    def num_tail(self) -> int:
+        return 0 if self.tail is None else self.tail.shape[-2]
+
+    def store(self, new: torch.Tensor) -> None:
+        """Append ``new`` and quantize whatever the residual rule says is now old enough."""
         self.tail = new if self.tail is None else torch.cat([self.tail, new], dim=-2)
         total = self.num_quantized + self.tail.shape[-2]
         flush = self.spec.quantized_tokens(total, self.residual) - self.num_quantized
         if flush > 0:
-            chunk = quantize(self.tail[..., :flush, :], self.spec)
-            self.quantized = chunk if self.quantized is None else self.quantized.cat(chunk)
+            chunk = _quantize(self.tail[..., :flush, :], self.spec)
+            parts = (chunk.packed, chunk.scale, chunk.zero)
+            if self._store is None:
+                self._store, self._dtype = tuple(_Growable(p) for p in parts), chunk.dtype
+            else:
+                for growable, part in zip(self._store, parts):
+                    growable.append(part)
             self.tail = self.tail[..., flush:, :]
-        parts = [self.quantized.dequantize()] if self.quantized is not None else []
-        full = torch.cat(parts + [self.tail], dim=-2)
-        if flush > 0:
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        """Store ``new`` and return every cached token dequantized (the reference read)."""
+        self.store(new)
+        return self.read(new)
+
+    def read(self, new: torch.Tensor) -> torch.Tensor:
+        """Every cached token, dequantized, with the ``new`` ones of this call unrounded."""
+        if self.num_quantized + self.num_tail == new.shape[-2]:
+            return new  # a prefill into an empty cache attends to exactly its own tokens
+        quantized = self.quantized
+        parts = [quantized.dequantize()] if quantized is not None else []
+        full = torch.cat(parts + [self.tail], dim=-2) if parts else self.tail
+        if self.num_tail < new.shape[-2]:
+            full = full.clone()
             full[..., -new.shape[-2] :, :] = new  # the current call reads its own tokens unrounded
         return full
 
     def nbytes(self) -> int:
-        q = 0 if self.quantized is None else self.quantized.nbytes
+        quantized = self.quantized
+        q = 0 if quantized is None else quantized.nbytes
         # The tail is counted at fp16 whatever dtype the model runs in, so figures compare across devices.
         t = 0 if self.tail is None else self.tail.numel() * 2
         return q + t
 
     def map(self, fn) -> None:
-        if self.quantized is not None:
-            self.quantized = self.quantized.map(fn)
+        quantized = self.quantized
+        if quantized is not None:
+            self._store = tuple(_Growable(fn(t)) for t in (quantized.packed, quantized.scale, quantized.zero))
         if self.tail is not None:
             self.tail = fn(self.tail)
 
@@ -62,9 +132,9 @@ class MixedPrecisionLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, layer_plan: LayerPlan):
+    def __init__(self, layer_plan: LayerPlan, layer_idx: int = 0, fused_decode: bool = False):
         super().__init__()
-        self.plan = layer_plan
+        self.plan, self.layer_idx, self.fused_decode = layer_plan, layer_idx, fused_decode
         self.cumulative_length = 0
         self._k = _Stream(layer_plan.key, layer_plan.residual)
         self._v = _Stream(layer_plan.value, layer_plan.residual)
@@ -73,6 +143,14 @@ class MixedPrecisionLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
+        new = key_states.shape[-2]
+        if self.fused_decode and self.cumulative_length > new:
+            self._k.store(key_states)
+            self._v.store(value_states)
+            if self._k.num_tail >= new and self._v.num_tail >= new:  # this call's tokens still unrounded
+                fused.hand_over(self.layer_idx, key_states, (self._k.quantized, self._k.tail), (self._v.quantized, self._v.tail))
+                return key_states, value_states  # the fused attention reads the cache, not these
+            return self._k.read(key_states), self._v.read(value_states)
         return self._k.append(key_states), self._v.append(value_states)
 
     def get_seq_length(self) -> int:
@@ -113,19 +191,28 @@ class MixedPrecisionLayer(DynamicLayer):
 class MixedPrecisionCache(Cache):
     """``model.generate(..., past_key_values=MixedPrecisionCache(plan))``."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, fused_decode: bool = False):
         self.plan = plan
-        super().__init__(layers=[MixedPrecisionLayer(layer) for layer in plan.layers])
+        layers = [MixedPrecisionLayer(layer, i, fused_decode) for i, layer in enumerate(plan.layers)]
+        super().__init__(layers=layers)
 
     def nbytes(self) -> int:
         """Bytes held now: packed codes, fp16 scales/zeros and the residual tails at fp16."""
         return sum(layer.nbytes() for layer in self.layers)
 
 
-def load_cache(model, plan: Plan) -> MixedPrecisionCache:
-    """A ready cache for ``model`` after checking that the plan fits it."""
+def load_cache(model, plan: Plan, fused_decode: bool | None = None) -> MixedPrecisionCache:
+    """A ready cache for ``model`` after checking that the plan fits it.
+
+    ``fused_decode`` (default: whether the model is on CUDA) switches the model to the
+    ``kvtune_fused`` attention so decode steps read the packed cache with the Triton kernel.
+    """
     from kvtune.models import check_supported, model_shape
 
     check_supported(model)
     plan.check_model(model_shape(model), getattr(model, "name_or_path", "the model"))
-    return MixedPrecisionCache(plan)
+    if fused_decode is None:
+        fused_decode = fused.available(model)
+    if fused_decode:
+        fused.enable(model)
+    return MixedPrecisionCache(plan, fused_decode)

@@ -144,7 +144,8 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     scale = _fp16_up((hi - lo.float()) / levels)
     # A constant group is represented exactly by its (fp16) minimum; any positive scale works.
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return _qparams_layout(scale, spec), _qparams_layout(lo, spec)
+    # Contiguous in storage layout, as the Triton kernels write and read them.
+    return _qparams_layout(scale, spec).contiguous(), _qparams_layout(lo, spec).contiguous()
 
 
 def _expand(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before they are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The default model and data are prepared once into $KVTUNE_HOME (default ~/.cache/kvtune),
 # shared with `kvtune run`, so the tests pay the GGUF conversion only on a fresh machine.

@@ -1,0 +1,286 @@
+"""Fused decode attention over the mixed-precision cache's packed K/V (flash-decoding).
+
+Decode reads the whole cache to produce one token, so its cost is the bytes it reads. This kernel
+reads K and V in their stored form (packed 8/4/2-bit codes, fp16 scale and zero, plus the
+full-precision residual tail), dequantizes in registers and never writes a dequantized copy.
+
+Layout of the work:
+
+* one program per (batch, KV head, split of the tokens): all query heads that share the KV head
+  (GQA) and all query tokens of the step are the rows of one tile, so K/V are read once per KV head;
+* each program walks its tokens in ``BLOCK_N`` blocks with an online softmax and writes an
+  unnormalised partial (acc, max, sum); a second small kernel merges the splits (split-K), which
+  keeps all SMs busy at batch 1 on long contexts;
+* token ``i`` of K comes from the packed prefix if ``i < quantized tokens of K`` and from the tail
+  otherwise; V has its own count (per-channel keys are quantized in whole groups, per-token values
+  one token at a time), its own bit width and mode.
+
+Query token ``j`` of ``Lq`` sits at position ``T - Lq + j`` and sees keys up to it (causal within
+the step); an optional boolean key mask (batch, T) drops padding.
+
+:func:`decode_attention_reference` is the plain-PyTorch path the kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvtune.quant import QuantizedTensor
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_tile(
+    packed_ptr, scale_ptr, zero_ptr, tail_ptr,
+    stride_pt, stride_st, stride_tt,
+    offs_n, offs_d, n_quant, n_total,
+    BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_D) float32 K or V for tokens ``offs_n``: dequantized prefix, then the tail."""
+    dmask = offs_d[None, :] < D
+    in_tail = (offs_n >= n_quant) & (offs_n < n_total)
+    tail_rows = (offs_n - n_quant).to(tl.int64)
+    x = tl.load(tail_ptr + tail_rows[:, None] * stride_tt + offs_d[None, :], mask=in_tail[:, None] & dmask, other=0.0)
+    x = x.to(tl.float32)
+    if BITS < 16:
+        PER_BYTE: tl.constexpr = 8 // BITS
+        in_q = offs_n < n_quant
+        qmask = in_q[:, None] & dmask
+        rows = offs_n.to(tl.int64)
+        byte = tl.load(packed_ptr + rows[:, None] * stride_pt + (offs_d // PER_BYTE)[None, :], mask=qmask, other=0)
+        code = (byte.to(tl.int32) >> ((offs_d % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+        if PER_CHANNEL:
+            q = (rows // G)[:, None] * stride_st + offs_d[None, :]
+        else:
+            q = rows[:, None] * stride_st + (offs_d // G)[None, :]
+        scale = tl.load(scale_ptr + q, mask=qmask, other=0.0).to(tl.float32)
+        zero = tl.load(zero_ptr + q, mask=qmask, other=0.0).to(tl.float32)
+        x = tl.where(in_q[:, None], code.to(tl.float32) * scale + zero, x)
+    return x
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, acc_ptr, m_ptr, l_ptr,
+    kp_ptr, ks_ptr, kz_ptr, kt_ptr,
+    vp_ptr, vs_ptr, vz_ptr, vt_ptr,
+    mask_ptr,
+    stride_qb, stride_qh, stride_ql,
+    stride_kpb, stride_kph, stride_kpt, stride_ksb, stride_ksh, stride_kst, stride_ktb, stride_kth, stride_ktt,
+    stride_vpb, stride_vph, stride_vpt, stride_vsb, stride_vsh, stride_vst, stride_vtb, stride_vth, stride_vtt,
+    stride_mb,
+    n_quant_k, n_quant_v, n_total, tokens_per_split, num_splits, qk_scale,
+    HKV: tl.constexpr, GROUP: tl.constexpr, LQ: tl.constexpr, D: tl.constexpr,
+    K_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, KG: tl.constexpr,
+    V_BITS: tl.constexpr, V_PER_CHANNEL: tl.constexpr, VG: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    h = (pid_bh % HKV).to(tl.int64)
+
+    rows = tl.arange(0, BLOCK_M)
+    head = h * GROUP + rows // LQ
+    qi = rows % LQ
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < GROUP * LQ
+    q = tl.load(
+        q_ptr + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_ql + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+    position = n_total - LQ + qi
+
+    kp, ks, kz, kt = (kp_ptr + b * stride_kpb + h * stride_kph, ks_ptr + b * stride_ksb + h * stride_ksh,
+                      kz_ptr + b * stride_ksb + h * stride_ksh, kt_ptr + b * stride_ktb + h * stride_kth)
+    vp, vs, vz, vt = (vp_ptr + b * stride_vpb + h * stride_vph, vs_ptr + b * stride_vsb + h * stride_vsh,
+                      vz_ptr + b * stride_vsb + h * stride_vsh, vt_ptr + b * stride_vtb + h * stride_vth)
+
+    # A finite floor instead of -inf keeps exp2(m_old - m_new) defined for rows with nothing visible yet.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, n_total)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_tile(kp, ks, kz, kt, stride_kpt, stride_kst, stride_ktt, offs_n, offs_d, n_quant_k, n_total,
+                       K_BITS, K_PER_CHANNEL, KG, D)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+        visible = (offs_n[None, :] < end) & (offs_n[None, :] <= position[:, None])
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * stride_mb + offs_n, mask=offs_n < end, other=0)
+            visible = visible & (keep[None, :] != 0)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_tile(vp, vs, vz, vt, stride_vpt, stride_vst, stride_vtt, offs_n, offs_d, n_quant_v, n_total,
+                       V_BITS, V_PER_CHANNEL, VG, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    part = pid_bh.to(tl.int64) * num_splits + split
+    tl.store(m_ptr + part * BLOCK_M + rows, m_i)
+    tl.store(l_ptr + part * BLOCK_M + rows, l_i)
+    tl.store(acc_ptr + (part * BLOCK_M + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _combine_kernel(
+    acc_ptr, m_ptr, l_ptr, out_ptr,
+    stride_ob, stride_oh, stride_ol, num_splits,
+    HKV: tl.constexpr, GROUP: tl.constexpr, LQ: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    ok = splits < num_splits
+    part = pid_bh.to(tl.int64) * num_splits + splits
+    m = tl.load(m_ptr + part * BLOCK_M + row, mask=ok, other=-1.0e30)
+    l = tl.load(l_ptr + part * BLOCK_M + row, mask=ok, other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.load(acc_ptr + (part[:, None] * BLOCK_M + row) * BLOCK_D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    weight = tl.where(ok, tl.math.exp2(m - tl.max(m, axis=0)), 0.0)
+    total = tl.sum(weight * l, axis=0)
+    out = tl.sum(weight[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
+    b = (pid_bh // HKV).to(tl.int64)
+    head = (pid_bh % HKV) * GROUP + row // LQ
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + (row % LQ) * stride_ol + offs_d, out, mask=offs_d < D)
+
+
+def _stream_args(quantized: QuantizedTensor | None, tail: torch.Tensor | None, anchor: torch.Tensor):
+    """Pointers, strides and constexprs for one of K/V; absent parts become never-read placeholders."""
+    dummy = anchor
+    if tail is None:
+        tail, tail_strides = dummy, (0, 0, 0)
+    else:
+        assert tail.stride(-1) == 1, "the tail's head_dim must be contiguous"
+        tail_strides = (tail.stride(0), tail.stride(1), tail.stride(2))
+    if quantized is None:
+        return (dummy, dummy, dummy, tail), (0, 0, 0, 0, 0, 0) + tail_strides, 0, dict(BITS=16, PER_CHANNEL=False, G=1)
+    p, s, z = quantized.packed, quantized.scale, quantized.zero
+    assert p.stride(-1) == 1 and s.stride() == z.stride() and s.stride(-1) == 1, "packed storage must be contiguous"
+    strides = (p.stride(0), p.stride(1), p.stride(2), s.stride(0), s.stride(1), s.stride(2)) + tail_strides
+    spec = quantized.spec
+    return (p, s, z, tail), strides, quantized.num_tokens, dict(
+        BITS=spec.bits, PER_CHANNEL=spec.mode == "per-channel", G=spec.group_size
+    )
+
+
+def _default_splits(batch_heads: int, tokens: int, block_n: int, device: torch.device) -> int:
+    blocks = triton.cdiv(tokens, block_n)
+    if device.type != "cuda":
+        return min(blocks, 4)  # the interpreter: a few splits still exercise the merge
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(blocks, triton.cdiv(4 * sms, batch_heads)))
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: tuple[QuantizedTensor | None, torch.Tensor | None],
+    value: tuple[QuantizedTensor | None, torch.Tensor | None],
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention of ``query`` (B, Hq, Lq, D) over a cache stream pair, as the cache stores them.
+
+    ``key`` and ``value`` are each ``(quantized prefix or None, full-precision tail or None)``
+    with tokens on dim -2, shapes (B, Hkv, ·, ·); prefix + tail lengths must agree between K and V.
+    ``key_mask`` (B, T), true where a key may be attended, drops padding. Returns (B, Hq, Lq, D)
+    in the query's dtype.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    (kq, kt), (vq, vt) = key, value
+    k_tokens = (kq.num_tokens if kq is not None else 0) + (kt.shape[-2] if kt is not None else 0)
+    v_tokens = (vq.num_tokens if vq is not None else 0) + (vt.shape[-2] if vt is not None else 0)
+    if k_tokens != v_tokens:
+        raise ValueError(f"K holds {k_tokens} tokens but V holds {v_tokens}")
+    if k_tokens < q_len:
+        raise ValueError(f"{q_len} query tokens need at least as many cached tokens, found {k_tokens}")
+    kv_heads = next(t.shape[1] for t in (kt, kq.packed if kq is not None else None) if t is not None)
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads cannot share {kv_heads} KV heads")
+    assert query.stride(-1) == 1
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+    k_ptrs, k_strides, k_quant, k_meta = _stream_args(kq, kt, query)
+    v_ptrs, v_strides, v_quant, v_meta = _stream_args(vq, vt, query)
+    block_m = max(16, triton.next_power_of_2(group * q_len))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    splits = num_splits or _default_splits(batch * kv_heads, k_tokens, block_n, query.device)
+    per_split = triton.cdiv(triton.cdiv(k_tokens, splits), block_n) * block_n
+    splits = triton.cdiv(k_tokens, per_split)
+
+    f32 = dict(dtype=torch.float32, device=query.device)
+    acc = torch.empty(batch * kv_heads, splits, block_m, block_d, **f32)
+    m = torch.empty(batch * kv_heads, splits, block_m, **f32)
+    l = torch.empty(batch * kv_heads, splits, block_m, **f32)
+    if key_mask is not None:
+        key_mask = key_mask.to(device=query.device, dtype=torch.int8).contiguous()
+        assert key_mask.shape == (batch, k_tokens), f"key_mask must be (batch, tokens) = {(batch, k_tokens)}"
+    mask_arg = key_mask if key_mask is not None else query
+    _decode_split_kernel[(batch * kv_heads, splits)](
+        query, acc, m, l, *k_ptrs, *v_ptrs, mask_arg,
+        query.stride(0), query.stride(1), query.stride(2), *k_strides, *v_strides,
+        key_mask.stride(0) if key_mask is not None else 0,
+        k_quant, v_quant, k_tokens, per_split, splits, scale * LOG2E,
+        HKV=kv_heads, GROUP=group, LQ=q_len, D=head_dim,
+        K_BITS=k_meta["BITS"], K_PER_CHANNEL=k_meta["PER_CHANNEL"], KG=k_meta["G"],
+        V_BITS=v_meta["BITS"], V_PER_CHANNEL=v_meta["PER_CHANNEL"], VG=v_meta["G"],
+        HAS_MASK=key_mask is not None, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+    )
+    out = torch.empty_like(query)
+    _combine_kernel[(batch * kv_heads, group * q_len)](
+        acc, m, l, out, out.stride(0), out.stride(1), out.stride(2), splits,
+        HKV=kv_heads, GROUP=group, LQ=q_len, D=head_dim,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _materialize(quantized: QuantizedTensor | None, tail: torch.Tensor | None) -> torch.Tensor:
+    parts = ([quantized.dequantize().float()] if quantized is not None else []) + ([tail.float()] if tail is not None else [])
+    return torch.cat(parts, dim=-2)
+
+
+def decode_attention_reference(
+    query: torch.Tensor,
+    key: tuple[QuantizedTensor | None, torch.Tensor | None],
+    value: tuple[QuantizedTensor | None, torch.Tensor | None],
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch: dequantize everything, then masked softmax attention in float32."""
+    k, v = _materialize(*key), _materialize(*value)
+    group = query.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    q_len, tokens = query.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = query.float() @ k.transpose(-1, -2) * scale
+    positions = torch.arange(tokens - q_len, tokens, device=query.device)
+    visible = torch.arange(tokens, device=query.device)[None, :] <= positions[:, None]  # (Lq, T)
+    visible = visible[None, None]
+    if key_mask is not None:
+        visible = visible & key_mask.bool()[:, None, None, :]
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return (weights @ v).to(query.dtype)
