@@ -79,8 +79,8 @@ def test_decode_attention_matches_the_reference_for_every_bit_pair(k_bits, v_bit
         assert not torch.allclose(ours, exact, atol=1e-4)
 
 
-@pytest.mark.parametrize("splits", [1, 2, 5])
-def test_decode_attention_several_query_tokens_padding_and_splits(splits):
+@pytest.mark.parametrize("splits, block_n", [(1, 64), (2, 16), (5, 16)])  # 64: blocks span two key groups
+def test_decode_attention_several_query_tokens_padding_and_splits(splits, block_n):
     torch.manual_seed(splits)
     k = torch.randn(2, 1, 70, 32, device=DEVICE)
     v = torch.randn(2, 1, 70, 32, device=DEVICE)
@@ -89,7 +89,7 @@ def test_decode_attention_several_query_tokens_padding_and_splits(splits):
     mask[1, :9] = False  # left padding
     key = _streams(k, QuantSpec(4, "per-channel", 32), 64)
     value = _streams(v, QuantSpec(2, "per-token", 32), 67)
-    ours = decode_attention(q, key, value, key_mask=mask, num_splits=splits, block_n=16)
+    ours = decode_attention(q, key, value, key_mask=mask, num_splits=splits, block_n=block_n)
     ref = decode_attention_reference(q, key, value, key_mask=mask)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 

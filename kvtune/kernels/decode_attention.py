@@ -65,6 +65,64 @@ def _load_tile(
 
 
 @triton.jit
+def _unpack(packed, BITS: tl.constexpr):
+    """(N, D·BITS/8) bytes → (N, D) int32 codes in channel order (lowest bits hold the first channel)."""
+    b = packed.to(tl.int32)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS == 8:
+        codes = b
+    elif BITS == 4:
+        codes = tl.interleave(b & MASK, (b >> 4) & MASK)
+    else:
+        codes = tl.interleave(tl.interleave(b & MASK, (b >> 4) & MASK), tl.interleave((b >> 2) & MASK, (b >> 6) & MASK))
+    return codes
+
+
+@triton.jit
+def _whole_block(
+    packed_ptr, scale_ptr, zero_ptr, tail_ptr, stride_pt, stride_st, stride_tt, n0,
+    BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """K or V for ``BLOCK_N`` tokens from ``n0`` that all lie in the packed prefix (or all in an
+    unquantized stream): whole-row loads, no per-element masks, unpacking by shifts."""
+    rows = tl.arange(0, BLOCK_N).to(tl.int64) + n0
+    offs_d = tl.arange(0, D)
+    if BITS == 16:
+        x = tl.load(tail_ptr + rows[:, None] * stride_tt + offs_d[None, :]).to(tl.float32)
+    else:
+        offs_b = tl.arange(0, D * BITS // 8)
+        codes = _unpack(tl.load(packed_ptr + rows[:, None] * stride_pt + offs_b[None, :]), BITS).to(tl.float32)
+        if PER_CHANNEL:
+            if G % BLOCK_N == 0:  # the block sits inside one group: one scale row for all its tokens
+                q = (n0 // G) * stride_st + offs_d
+                scale = tl.load(scale_ptr + q).to(tl.float32)[None, :]
+                zero = tl.load(zero_ptr + q).to(tl.float32)[None, :]
+            else:
+                q = (rows // G)[:, None] * stride_st + offs_d[None, :]
+                scale = tl.load(scale_ptr + q).to(tl.float32)
+                zero = tl.load(zero_ptr + q).to(tl.float32)
+        else:  # a few scales per token, broadcast over their groups of channels
+            NG: tl.constexpr = D // G
+            q = rows[:, None] * stride_st + tl.arange(0, NG)[None, :]
+            scale = tl.reshape(tl.broadcast_to(tl.load(scale_ptr + q).to(tl.float32)[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, D))
+            zero = tl.reshape(tl.broadcast_to(tl.load(zero_ptr + q).to(tl.float32)[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, D))
+        x = codes * scale + zero
+    return x
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, acc_ptr, m_ptr, l_ptr,
     kp_ptr, ks_ptr, kz_ptr, kt_ptr,
@@ -74,7 +132,7 @@ def _decode_split_kernel(
     stride_kpb, stride_kph, stride_kpt, stride_ksb, stride_ksh, stride_kst, stride_ktb, stride_kth, stride_ktt,
     stride_vpb, stride_vph, stride_vpt, stride_vsb, stride_vsh, stride_vst, stride_vtb, stride_vth, stride_vtt,
     stride_mb,
-    n_quant_k, n_quant_v, n_total, tokens_per_split, num_splits, qk_scale,
+    n_quant_k, n_quant_v, n_total, n_whole, tokens_per_split, num_splits, qk_scale,
     HKV: tl.constexpr, GROUP: tl.constexpr, LQ: tl.constexpr, D: tl.constexpr,
     K_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, KG: tl.constexpr,
     V_BITS: tl.constexpr, V_PER_CHANNEL: tl.constexpr, VG: tl.constexpr,
@@ -108,24 +166,30 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, n_total)
-    for n0 in range(start, end, BLOCK_N):
+
+    # Blocks wholly inside both packed prefixes (the bulk of a long context): the fast path.
+    whole_end = tl.minimum(end, n_whole)
+    for n0 in range(start, whole_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _whole_block(kp, ks, kz, kt, stride_kpt, stride_kst, stride_ktt, n0, K_BITS, K_PER_CHANNEL, KG, D, BLOCK_N)
+        v = _whole_block(vp, vs, vz, vt, stride_vpt, stride_vst, stride_vtt, n0, V_BITS, V_PER_CHANNEL, VG, D, BLOCK_N)
+        visible = offs_n[None, :] <= position[:, None]
+        if HAS_MASK:
+            visible = visible & (tl.load(mask_ptr + b * stride_mb + offs_n)[None, :] != 0)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+
+    # The rest: where the prefixes end, the residual tails, a ragged last block.
+    for n0 in range(tl.maximum(start, whole_end), end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_tile(kp, ks, kz, kt, stride_kpt, stride_kst, stride_ktt, offs_n, offs_d, n_quant_k, n_total,
                        K_BITS, K_PER_CHANNEL, KG, D)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+        v = _load_tile(vp, vs, vz, vt, stride_vpt, stride_vst, stride_vtt, offs_n, offs_d, n_quant_v, n_total,
+                       V_BITS, V_PER_CHANNEL, VG, D)
         visible = (offs_n[None, :] < end) & (offs_n[None, :] <= position[:, None])
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * stride_mb + offs_n, mask=offs_n < end, other=0)
             visible = visible & (keep[None, :] != 0)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_tile(vp, vs, vz, vt, stride_vpt, stride_vst, stride_vtt, offs_n, offs_d, n_quant_v, n_total,
-                       V_BITS, V_PER_CHANNEL, VG, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     part = pid_bh.to(tl.int64) * num_splits + split
     tl.store(m_ptr + part * BLOCK_M + rows, m_i)
@@ -176,6 +240,18 @@ def _stream_args(quantized: QuantizedTensor | None, tail: torch.Tensor | None, a
     )
 
 
+def _whole_tokens(meta: dict, n_quant: int, n_total: int, head_dim: int, block_n: int) -> int:
+    """Leading tokens the fast path may read in whole blocks (0 where its tiling does not apply)."""
+    pow2 = lambda n: n & (n - 1) == 0  # noqa: E731
+    if not pow2(head_dim) or head_dim < 16:
+        return 0
+    if meta["BITS"] == 16:
+        return n_total // block_n * block_n
+    if not pow2(meta["G"]) or (not meta["PER_CHANNEL"] and meta["G"] > head_dim):
+        return 0
+    return n_quant // block_n * block_n
+
+
 def _default_splits(batch_heads: int, tokens: int, block_n: int, device: torch.device) -> int:
     blocks = triton.cdiv(tokens, block_n)
     if device.type != "cuda":
@@ -191,9 +267,9 @@ def decode_attention(
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` (B, Hq, Lq, D) over a cache stream pair, as the cache stores them.
 
@@ -219,6 +295,12 @@ def decode_attention(
 
     k_ptrs, k_strides, k_quant, k_meta = _stream_args(kq, kt, query)
     v_ptrs, v_strides, v_quant, v_meta = _stream_args(vq, vt, query)
+    quantized = k_meta["BITS"] < 16 or v_meta["BITS"] < 16
+    # Launch defaults from benchmarks/decode_sweep.py on an H100 (results/decode_sweep_*.json).
+    block_n = block_n or (32 if quantized else 64)
+    num_stages = num_stages or (1 if quantized else 2)
+    n_whole = _whole_tokens(k_meta, k_quant, k_tokens, head_dim, block_n)
+    n_whole = min(n_whole, _whole_tokens(v_meta, v_quant, k_tokens, head_dim, block_n))
     block_m = max(16, triton.next_power_of_2(group * q_len))
     block_d = max(16, triton.next_power_of_2(head_dim))
     splits = num_splits or _default_splits(batch * kv_heads, k_tokens, block_n, query.device)
@@ -237,7 +319,7 @@ def decode_attention(
         query, acc, m, l, *k_ptrs, *v_ptrs, mask_arg,
         query.stride(0), query.stride(1), query.stride(2), *k_strides, *v_strides,
         key_mask.stride(0) if key_mask is not None else 0,
-        k_quant, v_quant, k_tokens, per_split, splits, scale * LOG2E,
+        k_quant, v_quant, k_tokens, n_whole, per_split, splits, scale * LOG2E,
         HKV=kv_heads, GROUP=group, LQ=q_len, D=head_dim,
         K_BITS=k_meta["BITS"], K_PER_CHANNEL=k_meta["PER_CHANNEL"], KG=k_meta["G"],
         V_BITS=v_meta["BITS"], V_PER_CHANNEL=v_meta["PER_CHANNEL"], VG=v_meta["G"],
