@@ -141,7 +141,9 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     lo = _fp16_down(g.amin(-1))
     hi = g.amax(-1)
     levels = 2**spec.bits - 1
-    scale = _fp16_up((hi - lo.float()) / levels)
+    # Divide by a tensor, not a Python number: CUDA turns division by a scalar into multiplication
+    # by its reciprocal, which rounds differently, and the stored bytes must not depend on the device.
+    scale = _fp16_up((hi - lo.float()) / torch.full_like(hi, levels))
     # A constant group is represented exactly by its (fp16) minimum; any positive scale works.
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     # Contiguous in storage layout, as the Triton kernels write and read them.

@@ -82,43 +82,60 @@ def _unpack(packed, BITS: tl.constexpr):
 def _whole_block(
     packed_ptr, scale_ptr, zero_ptr, tail_ptr, stride_pt, stride_st, stride_tt, n0,
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):
     """K or V for ``BLOCK_N`` tokens from ``n0`` that all lie in the packed prefix (or all in an
-    unquantized stream): whole-row loads, no per-element masks, unpacking by shifts."""
+    unquantized stream): whole-row loads, no per-element masks, unpacking by shifts. Dequantized
+    in ``DTYPE`` (fp16 for fp16 models: one rounding, as the reference's cast back to fp16)."""
     rows = tl.arange(0, BLOCK_N).to(tl.int64) + n0
     offs_d = tl.arange(0, D)
     if BITS == 16:
-        x = tl.load(tail_ptr + rows[:, None] * stride_tt + offs_d[None, :]).to(tl.float32)
+        x = tl.load(tail_ptr + rows[:, None] * stride_tt + offs_d[None, :]).to(DTYPE)
     else:
         offs_b = tl.arange(0, D * BITS // 8)
-        codes = _unpack(tl.load(packed_ptr + rows[:, None] * stride_pt + offs_b[None, :]), BITS).to(tl.float32)
+        codes = _unpack(tl.load(packed_ptr + rows[:, None] * stride_pt + offs_b[None, :]), BITS).to(DTYPE)
         if PER_CHANNEL:
             if G % BLOCK_N == 0:  # the block sits inside one group: one scale row for all its tokens
                 q = (n0 // G) * stride_st + offs_d
-                scale = tl.load(scale_ptr + q).to(tl.float32)[None, :]
-                zero = tl.load(zero_ptr + q).to(tl.float32)[None, :]
+                scale = tl.load(scale_ptr + q).to(DTYPE)[None, :]
+                zero = tl.load(zero_ptr + q).to(DTYPE)[None, :]
             else:
                 q = (rows // G)[:, None] * stride_st + offs_d[None, :]
-                scale = tl.load(scale_ptr + q).to(tl.float32)
-                zero = tl.load(zero_ptr + q).to(tl.float32)
+                scale = tl.load(scale_ptr + q).to(DTYPE)
+                zero = tl.load(zero_ptr + q).to(DTYPE)
         else:  # a few scales per token, broadcast over their groups of channels
             NG: tl.constexpr = D // G
             q = rows[:, None] * stride_st + tl.arange(0, NG)[None, :]
-            scale = tl.reshape(tl.broadcast_to(tl.load(scale_ptr + q).to(tl.float32)[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, D))
-            zero = tl.reshape(tl.broadcast_to(tl.load(zero_ptr + q).to(tl.float32)[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, D))
+            scale = tl.reshape(tl.broadcast_to(tl.load(scale_ptr + q).to(DTYPE)[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, D))
+            zero = tl.reshape(tl.broadcast_to(tl.load(zero_ptr + q).to(DTYPE)[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, D))
         x = codes * scale + zero
     return x
 
 
 @triton.jit
-def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
-    s = tl.where(visible, s, float("-inf"))
+def _folded_key_scores(q, packed_ptr, scale_ptr, zero_ptr, stride_pt, stride_st, n0,
+                       BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """q·k for a block of per-channel keys inside one group, without dequantizing K:
+    q·(c⊙s + z) = (q⊙s)·c + q·z, so the codes go to the dot as they are."""
+    rows = tl.arange(0, BLOCK_N).to(tl.int64) + n0
+    offs_b = tl.arange(0, D * BITS // 8)
+    codes = _unpack(tl.load(packed_ptr + rows[:, None] * stride_pt + offs_b[None, :]), BITS).to(q.dtype)
+    offs_q = (n0 // G) * stride_st + tl.arange(0, D)
+    qf = q.to(tl.float32)
+    scaled_q = (qf * tl.load(scale_ptr + offs_q).to(tl.float32)[None, :]).to(q.dtype)
+    bias = tl.sum(qf * tl.load(zero_ptr + offs_q).to(tl.float32)[None, :], axis=1)
+    return tl.dot(scaled_q, tl.trans(codes), input_precision=DOT_PRECISION) + bias[:, None]
+
+
+@triton.jit
+def _online_softmax_step(scores, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    s = tl.where(visible, scores * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -136,7 +153,7 @@ def _decode_split_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, LQ: tl.constexpr, D: tl.constexpr,
     K_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, KG: tl.constexpr,
     V_BITS: tl.constexpr, V_PER_CHANNEL: tl.constexpr, VG: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -171,12 +188,18 @@ def _decode_split_kernel(
     whole_end = tl.minimum(end, n_whole)
     for n0 in range(start, whole_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _whole_block(kp, ks, kz, kt, stride_kpt, stride_kst, stride_ktt, n0, K_BITS, K_PER_CHANNEL, KG, D, BLOCK_N)
-        v = _whole_block(vp, vs, vz, vt, stride_vpt, stride_vst, stride_vtt, n0, V_BITS, V_PER_CHANNEL, VG, D, BLOCK_N)
+        if K_BITS < 16 and K_PER_CHANNEL and KG % BLOCK_N == 0:
+            scores = _folded_key_scores(q, kp, ks, kz, stride_kpt, stride_kst, n0, K_BITS, KG, D, BLOCK_N, DOT_PRECISION)
+        else:
+            k = _whole_block(kp, ks, kz, kt, stride_kpt, stride_kst, stride_ktt, n0, K_BITS, K_PER_CHANNEL, KG, D, BLOCK_N,
+                             DEQUANT_DTYPE)
+            scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+        v = _whole_block(vp, vs, vz, vt, stride_vpt, stride_vst, stride_vtt, n0, V_BITS, V_PER_CHANNEL, VG, D, BLOCK_N,
+                         DEQUANT_DTYPE).to(q.dtype)
         visible = offs_n[None, :] <= position[:, None]
         if HAS_MASK:
             visible = visible & (tl.load(mask_ptr + b * stride_mb + offs_n)[None, :] != 0)
-        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        m_i, l_i, acc = _online_softmax_step(scores, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     # The rest: where the prefixes end, the residual tails, a ragged last block.
     for n0 in range(tl.maximum(start, whole_end), end, BLOCK_N):
@@ -184,12 +207,13 @@ def _decode_split_kernel(
         k = _load_tile(kp, ks, kz, kt, stride_kpt, stride_kst, stride_ktt, offs_n, offs_d, n_quant_k, n_total,
                        K_BITS, K_PER_CHANNEL, KG, D)
         v = _load_tile(vp, vs, vz, vt, stride_vpt, stride_vst, stride_vtt, offs_n, offs_d, n_quant_v, n_total,
-                       V_BITS, V_PER_CHANNEL, VG, D)
+                       V_BITS, V_PER_CHANNEL, VG, D).to(q.dtype)
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
         visible = (offs_n[None, :] < end) & (offs_n[None, :] <= position[:, None])
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * stride_mb + offs_n, mask=offs_n < end, other=0)
             visible = visible & (keep[None, :] != 0)
-        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        m_i, l_i, acc = _online_softmax_step(scores, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     part = pid_bh.to(tl.int64) * num_splits + split
     tl.store(m_ptr + part * BLOCK_M + rows, m_i)
@@ -268,7 +292,7 @@ def decode_attention(
     key_mask: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` (B, Hq, Lq, D) over a cache stream pair, as the cache stores them.
@@ -298,7 +322,8 @@ def decode_attention(
     quantized = k_meta["BITS"] < 16 or v_meta["BITS"] < 16
     # Launch defaults from benchmarks/decode_sweep.py on an H100 (results/decode_sweep_*.json).
     block_n = block_n or (32 if quantized else 64)
-    num_stages = num_stages or (1 if quantized else 2)
+    num_warps = num_warps or (2 if quantized else 4)
+    num_stages = num_stages or 2
     n_whole = _whole_tokens(k_meta, k_quant, k_tokens, head_dim, block_n)
     n_whole = min(n_whole, _whole_tokens(v_meta, v_quant, k_tokens, head_dim, block_n))
     block_m = max(16, triton.next_power_of_2(group * q_len))
@@ -324,6 +349,7 @@ def decode_attention(
         K_BITS=k_meta["BITS"], K_PER_CHANNEL=k_meta["PER_CHANNEL"], KG=k_meta["G"],
         V_BITS=v_meta["BITS"], V_PER_CHANNEL=v_meta["PER_CHANNEL"], VG=v_meta["G"],
         HAS_MASK=key_mask is not None, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DEQUANT_DTYPE=tl.float16 if query.dtype == torch.float16 else tl.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(query)
