@@ -2,6 +2,7 @@
 
     python benchmarks/decode_attention.py                 # needs a CUDA GPU; writes results/decode_attention_<gpu>.json
     python benchmarks/decode_attention.py --quick         # 4K and 32K only
+    python benchmarks/decode_attention.py --render benchmarks/results/decode_attention_nvidia-h100-80gb-hbm3.json
 
 One attention layer shaped like Llama-3-8B's (32 query heads, 8 KV heads, head_dim 128), one new
 token per sequence, contexts 4K/32K/128K, batch 1 and 8. K is stored per-channel and V per-token,
@@ -84,7 +85,7 @@ def max_error(q, key, value) -> float:
     return worst
 
 
-def run_case(batch: int, tokens: int, peak: float | None, copy_bw: float) -> list[dict]:
+def run_case(batch: int, tokens: int, peak: float | None, copy_bw: float, launch: dict) -> list[dict]:
     torch.manual_seed(0)
     k = torch.randn(batch, KV_HEADS, tokens, HEAD_DIM, device="cuda", dtype=torch.float16)
     v = torch.randn(batch, KV_HEADS, tokens, HEAD_DIM, device="cuda", dtype=torch.float16)
@@ -113,23 +114,49 @@ def run_case(batch: int, tokens: int, peak: float | None, copy_bw: float) -> lis
     for k_bits, v_bits in PAIRS:
         key, value = stream(k, k_bits, "per-channel"), stream(v, v_bits, "per-token")
         error = max_error(q, key, value)
-        ms = do_bench(lambda: decode_attention(q, key, value), return_mode="median")
+        ms = do_bench(lambda: decode_attention(q, key, value, **launch), return_mode="median")
         record(f"kvtune_k{k_bits}v{v_bits}", ms, nbytes(*key, *value, q, q), round(error, 6))
     return rows
+
+
+def markdown_table(result: dict) -> str:
+    """The results as the table in docs/kernels.md."""
+    lines = [
+        "| batch | context | FP16 SDPA (best) ms | kernel | ms | vs FP16 | GB/s | of peak | max abs err |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = result["rows"]
+    for batch, tokens in sorted({(r["batch"], r["context"]) for r in rows}):
+        case = [r for r in rows if r["batch"] == batch and r["context"] == tokens]
+        fp16 = min(r["ms"] for r in case if r["kernel"].startswith("sdpa"))
+        for r in case:
+            if r["kernel"].startswith("kvtune"):
+                peak = f"{r['fraction_of_peak']:.2f}" if r["fraction_of_peak"] is not None else "–"
+                lines.append(
+                    f"| {batch} | {tokens // 1024}K | {fp16:.4f} | {r['kernel'].removeprefix('kvtune_').upper()} | {r['ms']:.4f} "
+                    f"| {fp16 / r['ms']:.2f}× | {r['bandwidth_GBps']:.0f} | {peak} | {r['max_abs_error']:.1e} |"
+                )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4K and 32K only")
+    parser.add_argument("--launch", default="{}", help='launch settings for the packed kernel as JSON, e.g. \'{"block_n": 32}\' (default: the kernel\'s own)')
+    parser.add_argument("--render", metavar="RESULTS_JSON", help="print a results file as a markdown table and exit")
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/decode_attention_<gpu>.json)")
     args = parser.parse_args()
+    if args.render:
+        print(markdown_table(json.loads(Path(args.render).read_text())))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (the kernels' correctness on CPU is in tests/test_kernels.py)")
 
     name = torch.cuda.get_device_name()
     peak, copy_bw = peak_bandwidth(name), copy_bandwidth()
     contexts = [4096, 32768] if args.quick else [4096, 32768, 131072]
-    rows = [row for batch in (1, 8) for tokens in contexts for row in run_case(batch, tokens, peak, copy_bw)]
+    launch = json.loads(args.launch)
+    rows = [row for batch in (1, 8) for tokens in contexts for row in run_case(batch, tokens, peak, copy_bw, launch)]
 
     summary = {}
     for batch in (1, 8):
@@ -144,6 +171,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, torch {torch.__version__}, triton {triton.__version__}",
         "shape": f"Llama-3-8B layer: {Q_HEADS} query heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM}, 1 new token, fp16",
         "storage": f"K per-channel, V per-token, group {GROUP_SIZE}, residual {RESIDUAL} fp16 tokens",
+        "launch": launch or "kernel defaults",
         "peak_bandwidth_GBps": peak / 1e9 if peak else None,
         "measured_copy_bandwidth_GBps": round(copy_bw / 1e9, 1),
         "speedup_vs_best_fp16_sdpa": summary,
@@ -152,7 +180,7 @@ def main() -> None:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
     out = Path(args.out or Path(__file__).parent / "results" / f"decode_attention_{slug}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["speedup_vs_best_fp16_sdpa"], indent=1))
+    print(markdown_table(result))
     print(f"wrote {out}")
 
 

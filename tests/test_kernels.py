@@ -60,9 +60,10 @@ def _streams(x, spec, quantized_tokens):
     return quantize(x[..., :quantized_tokens, :], spec), tail
 
 
+@pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("k_bits", [2, 4, 8, 16])
 @pytest.mark.parametrize("v_bits", [2, 4, 8, 16])
-def test_decode_attention_matches_the_reference_for_every_bit_pair(k_bits, v_bits):
+def test_decode_attention_matches_the_reference_for_every_bit_pair(k_bits, v_bits, gather):
     torch.manual_seed(k_bits * 17 + v_bits)
     batch, kv_heads, group, tokens, head_dim = 2, 2, 3, 83, 64  # odd length, GQA 3:1
     k = torch.randn(batch, kv_heads, tokens, head_dim, device=DEVICE)
@@ -71,7 +72,7 @@ def test_decode_attention_matches_the_reference_for_every_bit_pair(k_bits, v_bit
     # Residual window of 19: per-channel K flushes whole groups of 16, per-token V every token.
     key = _streams(k, QuantSpec(k_bits, "per-channel", 16), (tokens - 19) // 16 * 16)
     value = _streams(v, QuantSpec(v_bits, "per-token", 32), tokens - 19)
-    ours = decode_attention(q, key, value, num_splits=3, block_n=16)
+    ours = decode_attention(q, key, value, num_splits=3, block_n=16, gather_codes=gather, gather_scales=gather)
     ref = decode_attention_reference(q, key, value)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
     if (k_bits, v_bits) != (16, 16):  # the quantized prefix really is read
@@ -79,8 +80,8 @@ def test_decode_attention_matches_the_reference_for_every_bit_pair(k_bits, v_bit
         assert not torch.allclose(ours, exact, atol=1e-4)
 
 
-@pytest.mark.parametrize("splits, block_n", [(1, 64), (2, 16), (5, 16)])  # 64: blocks span two key groups
-def test_decode_attention_several_query_tokens_padding_and_splits(splits, block_n):
+@pytest.mark.parametrize("splits, block_n, gather", [(1, 64, False), (2, 16, False), (5, 16, True)])  # 64: blocks span two key groups
+def test_decode_attention_several_query_tokens_padding_and_splits(splits, block_n, gather):
     torch.manual_seed(splits)
     k = torch.randn(2, 1, 70, 32, device=DEVICE)
     v = torch.randn(2, 1, 70, 32, device=DEVICE)
@@ -89,7 +90,8 @@ def test_decode_attention_several_query_tokens_padding_and_splits(splits, block_
     mask[1, :9] = False  # left padding
     key = _streams(k, QuantSpec(4, "per-channel", 32), 64)
     value = _streams(v, QuantSpec(2, "per-token", 32), 67)
-    ours = decode_attention(q, key, value, key_mask=mask, num_splits=splits, block_n=block_n)
+    ours = decode_attention(q, key, value, key_mask=mask, num_splits=splits, block_n=block_n,
+                            gather_codes=gather, gather_scales=gather)
     ref = decode_attention_reference(q, key, value, key_mask=mask)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 

@@ -79,10 +79,24 @@ def _unpack(packed, BITS: tl.constexpr):
 
 
 @triton.jit
+def _load_codes(packed_ptr, rows, stride_pt, D: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr):
+    """(len(rows), D) int32 codes of a block of packed rows."""
+    if GATHER:  # each channel loads its own byte (repeated addresses) and shifts: no register shuffles
+        PER_BYTE: tl.constexpr = 8 // BITS
+        offs_d = tl.arange(0, D)
+        byte = tl.load(packed_ptr + rows[:, None] * stride_pt + (offs_d // PER_BYTE)[None, :]).to(tl.int32)
+        codes = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+    else:  # whole-row byte loads, unpacked by shifts and interleaving
+        offs_b = tl.arange(0, D * BITS // 8)
+        codes = _unpack(tl.load(packed_ptr + rows[:, None] * stride_pt + offs_b[None, :]), BITS)
+    return codes
+
+
+@triton.jit
 def _whole_block(
     packed_ptr, scale_ptr, zero_ptr, tail_ptr, stride_pt, stride_st, stride_tt, n0,
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr, GATHER_CODES: tl.constexpr, GATHER_SCALES: tl.constexpr,
 ):
     """K or V for ``BLOCK_N`` tokens from ``n0`` that all lie in the packed prefix (or all in an
     unquantized stream): whole-row loads, no per-element masks, unpacking by shifts. Dequantized
@@ -92,8 +106,7 @@ def _whole_block(
     if BITS == 16:
         x = tl.load(tail_ptr + rows[:, None] * stride_tt + offs_d[None, :]).to(DTYPE)
     else:
-        offs_b = tl.arange(0, D * BITS // 8)
-        codes = _unpack(tl.load(packed_ptr + rows[:, None] * stride_pt + offs_b[None, :]), BITS).to(DTYPE)
+        codes = _load_codes(packed_ptr, rows, stride_pt, D, BITS, GATHER_CODES).to(DTYPE)
         if PER_CHANNEL:
             if G % BLOCK_N == 0:  # the block sits inside one group: one scale row for all its tokens
                 q = (n0 // G) * stride_st + offs_d
@@ -103,6 +116,10 @@ def _whole_block(
                 q = (rows // G)[:, None] * stride_st + offs_d[None, :]
                 scale = tl.load(scale_ptr + q).to(DTYPE)
                 zero = tl.load(zero_ptr + q).to(DTYPE)
+        elif GATHER_SCALES:  # a few scales per token, each channel loads its group's
+            q = rows[:, None] * stride_st + (offs_d // G)[None, :]
+            scale = tl.load(scale_ptr + q).to(DTYPE)
+            zero = tl.load(zero_ptr + q).to(DTYPE)
         else:  # a few scales per token, broadcast over their groups of channels
             NG: tl.constexpr = D // G
             q = rows[:, None] * stride_st + tl.arange(0, NG)[None, :]
@@ -115,12 +132,11 @@ def _whole_block(
 @triton.jit
 def _folded_key_scores(q, packed_ptr, scale_ptr, zero_ptr, stride_pt, stride_st, n0,
                        BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, GATHER_CODES: tl.constexpr):
     """q·k for a block of per-channel keys inside one group, without dequantizing K:
     q·(c⊙s + z) = (q⊙s)·c + q·z, so the codes go to the dot as they are."""
     rows = tl.arange(0, BLOCK_N).to(tl.int64) + n0
-    offs_b = tl.arange(0, D * BITS // 8)
-    codes = _unpack(tl.load(packed_ptr + rows[:, None] * stride_pt + offs_b[None, :]), BITS).to(q.dtype)
+    codes = _load_codes(packed_ptr, rows, stride_pt, D, BITS, GATHER_CODES).to(q.dtype)
     offs_q = (n0 // G) * stride_st + tl.arange(0, D)
     qf = q.to(tl.float32)
     scaled_q = (qf * tl.load(scale_ptr + offs_q).to(tl.float32)[None, :]).to(q.dtype)
@@ -154,6 +170,7 @@ def _decode_split_kernel(
     K_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, KG: tl.constexpr,
     V_BITS: tl.constexpr, V_PER_CHANNEL: tl.constexpr, VG: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
+    GATHER_CODES: tl.constexpr, GATHER_SCALES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -189,13 +206,14 @@ def _decode_split_kernel(
     for n0 in range(start, whole_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if K_BITS < 16 and K_PER_CHANNEL and KG % BLOCK_N == 0:
-            scores = _folded_key_scores(q, kp, ks, kz, stride_kpt, stride_kst, n0, K_BITS, KG, D, BLOCK_N, DOT_PRECISION)
+            scores = _folded_key_scores(q, kp, ks, kz, stride_kpt, stride_kst, n0, K_BITS, KG, D, BLOCK_N, DOT_PRECISION,
+                                        GATHER_CODES)
         else:
             k = _whole_block(kp, ks, kz, kt, stride_kpt, stride_kst, stride_ktt, n0, K_BITS, K_PER_CHANNEL, KG, D, BLOCK_N,
-                             DEQUANT_DTYPE)
+                             DEQUANT_DTYPE, GATHER_CODES, GATHER_SCALES)
             scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
         v = _whole_block(vp, vs, vz, vt, stride_vpt, stride_vst, stride_vtt, n0, V_BITS, V_PER_CHANNEL, VG, D, BLOCK_N,
-                         DEQUANT_DTYPE).to(q.dtype)
+                         DEQUANT_DTYPE, GATHER_CODES, GATHER_SCALES).to(q.dtype)
         visible = offs_n[None, :] <= position[:, None]
         if HAS_MASK:
             visible = visible & (tl.load(mask_ptr + b * stride_mb + offs_n)[None, :] != 0)
@@ -294,13 +312,16 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    gather_codes: bool = False,
+    gather_scales: bool = False,
 ) -> torch.Tensor:
     """Attention of ``query`` (B, Hq, Lq, D) over a cache stream pair, as the cache stores them.
 
     ``key`` and ``value`` are each ``(quantized prefix or None, full-precision tail or None)``
     with tokens on dim -2, shapes (B, Hkv, ·, ·); prefix + tail lengths must agree between K and V.
     ``key_mask`` (B, T), true where a key may be attended, drops padding. Returns (B, Hq, Lq, D)
-    in the query's dtype.
+    in the query's dtype. ``block_n``, ``num_warps``, ``num_stages``, ``gather_codes`` and
+    ``gather_scales`` are launch variants (same result) compared by benchmarks/decode_sweep.py.
     """
     batch, q_heads, q_len, head_dim = query.shape
     (kq, kt), (vq, vt) = key, value
@@ -320,7 +341,8 @@ def decode_attention(
     k_ptrs, k_strides, k_quant, k_meta = _stream_args(kq, kt, query)
     v_ptrs, v_strides, v_quant, v_meta = _stream_args(vq, vt, query)
     quantized = k_meta["BITS"] < 16 or v_meta["BITS"] < 16
-    # Launch defaults from benchmarks/decode_sweep.py on an H100 (results/decode_sweep_*.json).
+    # Launch defaults: the best packed setting of benchmarks/decode_sweep.py on an H100 at 32K
+    # (results/decode_sweep_nvidia-h100-80gb-hbm3.jsonl, measured before the key-scale folding).
     block_n = block_n or (32 if quantized else 64)
     num_warps = num_warps or (2 if quantized else 4)
     num_stages = num_stages or 2
@@ -350,6 +372,7 @@ def decode_attention(
         V_BITS=v_meta["BITS"], V_PER_CHANNEL=v_meta["PER_CHANNEL"], VG=v_meta["G"],
         HAS_MASK=key_mask is not None, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DEQUANT_DTYPE=tl.float16 if query.dtype == torch.float16 else tl.float32,
+        GATHER_CODES=gather_codes, GATHER_SCALES=gather_scales,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(query)
