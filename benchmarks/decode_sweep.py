@@ -1,6 +1,7 @@
 """Launch settings and unpacking variants of the decode kernel at 32K: picks the defaults.
 
     python -m benchmarks.decode_sweep > benchmarks/results/decode_sweep_<gpu>.jsonl   # needs a CUDA GPU
+    python -m benchmarks.decode_sweep --pick benchmarks/results/decode_sweep_<gpu>.jsonl   # the defaults it implies
 
 One JSON line per (batch, bit pair, block_n, num_warps, num_stages, gather_codes, gather_scales);
 all variants compute the same result (tests/test_kernels.py), only their speed differs.
@@ -8,6 +9,8 @@ all variants compute the same result (tests/test_kernels.py), only their speed d
 
 from __future__ import annotations
 
+import argparse
+import collections
 import itertools
 import json
 
@@ -20,7 +23,25 @@ from kvtune.kernels.decode_attention import decode_attention
 SETTINGS = dict(block_n=(32, 64), num_warps=(2, 4), num_stages=(2,), gather_codes=(False, True), gather_scales=(False, True))
 
 
+def pick(lines: list[str]) -> dict:
+    """The setting with the lowest summed K4V4 + K2V2 time, among those measured in every case."""
+    total, count = collections.defaultdict(float), collections.Counter()
+    for row in (json.loads(line) for line in lines if line.startswith('{"batch')):
+        if row["ms"] is not None and row["pair"] in ("k4v4", "k2v2"):
+            key = tuple(row[name] for name in SETTINGS)
+            total[key] += row["ms"]
+            count[key] += 1
+    complete = max(count.values())
+    return dict(zip(SETTINGS, min((ms, key) for key, ms in total.items() if count[key] == complete)[1]))
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pick", metavar="SWEEP_JSONL", help="print the best setting of a sweep's output and exit")
+    args = parser.parse_args()
+    if args.pick:
+        print(json.dumps(pick(open(args.pick).read().splitlines())))
+        return
     for batch, (k_bits, v_bits) in itertools.product((1, 8), ((4, 4), (2, 2), (8, 8))):
         torch.manual_seed(0)
         k = torch.randn(batch, KV_HEADS, 32768, HEAD_DIM, device="cuda", dtype=torch.float16)

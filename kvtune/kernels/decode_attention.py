@@ -313,7 +313,7 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     gather_codes: bool = False,
-    gather_scales: bool = False,
+    gather_scales: bool = True,
 ) -> torch.Tensor:
     """Attention of ``query`` (B, Hq, Lq, D) over a cache stream pair, as the cache stores them.
 
@@ -341,9 +341,9 @@ def decode_attention(
     k_ptrs, k_strides, k_quant, k_meta = _stream_args(kq, kt, query)
     v_ptrs, v_strides, v_quant, v_meta = _stream_args(vq, vt, query)
     quantized = k_meta["BITS"] < 16 or v_meta["BITS"] < 16
-    # Launch defaults: the best packed setting of benchmarks/decode_sweep.py on an H100 at 32K
-    # (results/decode_sweep_nvidia-h100-80gb-hbm3.jsonl, measured before the key-scale folding).
-    block_n = block_n or (32 if quantized else 64)
+    # Launch defaults: the setting with the lowest summed K4V4 + K2V2 time over batch 1 and 8 at 32K
+    # in benchmarks/decode_sweep.py on an H100 (results/decode_sweep_nvidia-h100-80gb-hbm3.jsonl).
+    block_n = block_n or 64
     num_warps = num_warps or (2 if quantized else 4)
     num_stages = num_stages or 2
     n_whole = _whole_tokens(k_meta, k_quant, k_tokens, head_dim, block_n)
