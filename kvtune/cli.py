@@ -203,6 +203,7 @@ def search(
     pop_size: int = typer.Option(100, min=4),
     verify: int = typer.Option(3, min=0, help="Best predicted plans to measure on verification text (0: pick by prediction)."),
     verify_windows: int = typer.Option(4, min=1),
+    verify_uniform: bool = typer.Option(True, help="Also measure the uniform plans that fit the budget; the best measured plan wins."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     out: Path = typer.Option(Path("outputs/search"), help="Folder for front.csv, front.png, plan.json, search.json."),
@@ -212,7 +213,7 @@ def search(
 
     settings = SearchSettings(profile=str(profile), budget=budget, batch=batch, context=context, groups=groups,
                               generations=generations, pop_size=pop_size, verify=verify, verify_windows=verify_windows,
-                              seed=seed, device=device)
+                              verify_uniform=verify_uniform, seed=seed, device=device)
     try:
         result = run_search(settings, out)
     except KvtuneError as e:

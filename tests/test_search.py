@@ -142,6 +142,8 @@ def test_searched_plan_is_verified_and_runs_generate(tiny_model_dir, tmp_path):
     result = run_search(settings, tmp_path / "s", progress=False)
     verified = result.front.dropna(subset=["verified_nll"])
     assert len(verified) >= 2
+    uniform = result.front[result.front["source"] == "uniform"]
+    assert len(uniform) and uniform["verified_nll"].notna().all() and (uniform["nominal_bits"] <= 5).all()
     assert result.front.loc[result.front["chosen"], "verified_nll"].item() == verified["verified_nll"].min()
     plan = Plan.load(tmp_path / "s" / "plan.json")
     model, tokenizer = load_model(tiny_model_dir)

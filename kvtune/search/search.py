@@ -5,8 +5,11 @@
 3. NSGA-II over the clustered space (:mod:`kvtune.search.nsga`), checked against the exact
    optimum of the additive objective (:mod:`kvtune.search.exact`) at a grid of budgets.
 4. ``verify`` best predicted plans under the budget (and the exact optimum) are measured on
-   verification windows — text that neither calibration nor held-out evaluation uses — and the
-   best measured one is the chosen plan.
+   verification windows — text that neither calibration nor held-out evaluation uses — together
+   with the uniform plans that fit the budget, and the best measured one is the chosen plan. The
+   uniform plans join as rows of source ``uniform``: at high budgets the predicted impacts are
+   near zero and cannot rank plans, and a user should never be handed a mixed plan that measures
+   worse than the obvious uniform one.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class SearchSettings:
     gap_budgets: int = 12  # budgets at which NSGA-II is checked against the exact optimum
     gap_tolerance: float = 0.02
     verify: int = 3
+    verify_uniform: bool = True  # measure the uniform plans within budget beside the front's best
     verify_windows: int = 4
     verify_seq_len: int = 512
     model: str | None = None  # default: the profile's
@@ -154,16 +158,29 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
         records.append({"id": i, "source": source, "predicted_loss": objectives[j, 0],
                         **_memory_figures(plan, profile.shape, context, budget.batch),
                         "pairs": ",".join(plan.pairs), "verified_nll": np.nan, "chosen": False})
-    front = pd.DataFrame(records)
-
-    # The measured choice: the best predicted plans and the exact optimum, measured.
+    # The measured choice: the best predicted plans, the exact optimum and the uniform plans in budget.
     if settings.verify:
         exact_rows = [i for i, j in enumerate(kept) if exact_x is not None and np.array_equal(candidates[j][1], exact_x)]
-        to_verify = list(dict.fromkeys(front.sort_values("predicted_loss").index.tolist()[: settings.verify] + exact_rows))
+        to_verify = sorted(range(len(records)), key=lambda i: records[i]["predicted_loss"])[: settings.verify]
+        to_verify = list(dict.fromkeys(to_verify + exact_rows))
+        if settings.verify_uniform:
+            for j, pair in enumerate(profile.pairs):
+                if memory[:, j].sum() > budget.value * (1 + 1e-12):
+                    continue
+                plan = plan_from_pairs(profile, [j] * profile.num_layers, name=f"uniform:{pair.lower()}")
+                if ",".join(plan.pairs) in {r["pairs"] for r in records}:
+                    continue  # already on the front
+                plans.append(plan)
+                records.append({"id": len(records), "source": "uniform", "predicted_loss": float(cost[:, j].sum()),
+                                **_memory_figures(plan, profile.shape, context, budget.batch),
+                                "pairs": ",".join(plan.pairs), "verified_nll": np.nan, "chosen": False})
+                to_verify.append(len(records) - 1)
+        front = pd.DataFrame(records)
         nll = _verify(profile, settings, [plans[i] for i in to_verify], progress)
         front.loc[to_verify, "verified_nll"] = nll
         chosen = to_verify[int(np.argmin(nll))]
     else:
+        front = pd.DataFrame(records)
         chosen = int(front["predicted_loss"].idxmin())
     front.loc[chosen, "chosen"] = True
 
@@ -235,7 +252,8 @@ def _plot(path: Path, front: pd.DataFrame, profile: Profile, cost, budget: Budge
     x_col, x_label = ("nominal_bits", "mean nominal bits") if budget.kind == "bits" else ("cache_bytes", f"cache MiB at {context} tokens")
     scale = 1.0 if budget.kind == "bits" else 2**-20
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.plot(front[x_col] * scale, front["predicted_loss"], "o-", ms=3, label="kvtune front (NSGA-II)")
+    predicted = front[front["source"] != "uniform"]
+    ax.plot(predicted[x_col] * scale, predicted["predicted_loss"], "o-", ms=3, label="kvtune front (NSGA-II)")
     for pair in UNIFORM_REFERENCES:
         if pair.upper() not in profile.pairs:
             continue
