@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvtune import fused
 from kvtune.plan import LayerPlan, Plan
-from kvtune.quant import QuantizedTensor, QuantSpec, quantize
+from kvtune.quant import QuantizedTensor, QuantSpec, fake_quantize, quantize
 
 
 def _quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
@@ -64,6 +64,9 @@ class _Stream:
         self._store: tuple[_Growable, _Growable, _Growable] | None = None  # packed, scale, zero
         self._dtype: torch.dtype | None = None
         self.tail: torch.Tensor | None = None
+        # Engine formats (fp8, nvfp4, q*_*) are held as their dequantized values; bytes are counted
+        # as the engine stores them. Every token is stored in the format (no window).
+        self._engine: _Growable | None = None
 
     @property
     def quantized(self) -> QuantizedTensor | None:
@@ -74,6 +77,8 @@ class _Stream:
 
     @property
     def num_quantized(self) -> int:
+        if self._engine is not None:
+            return self._engine.length
         return 0 if self._store is None else self._store[0].length
 
     @property
@@ -82,6 +87,13 @@ class _Stream:
 
     def store(self, new: torch.Tensor) -> None:
         """Append ``new`` and quantize whatever the residual rule says is now old enough."""
+        if self.spec.is_engine:
+            chunk = fake_quantize(new, self.spec)
+            if self._engine is None:
+                self._engine = _Growable(chunk)
+            else:
+                self._engine.append(chunk)
+            return
         self.tail = new if self.tail is None else torch.cat([self.tail, new], dim=-2)
         total = self.num_quantized + self.tail.shape[-2]
         flush = self.spec.quantized_tokens(total, self.residual) - self.num_quantized
@@ -106,13 +118,19 @@ class _Stream:
             return new  # a prefill into an empty cache attends to exactly its own tokens
         quantized = self.quantized
         parts = [quantized.dequantize()] if quantized is not None else []
-        full = torch.cat(parts + [self.tail], dim=-2) if parts else self.tail
+        if self._engine is not None:
+            parts = [self._engine.view]
+        tail = [] if self.tail is None else [self.tail]
+        full = torch.cat(parts + tail, dim=-2) if parts else self.tail
         if self.num_tail < new.shape[-2]:
             full = full.clone()
             full[..., -new.shape[-2] :, :] = new  # the current call reads its own tokens unrounded
         return full
 
     def nbytes(self) -> int:
+        if self._engine is not None:
+            values = self._engine.view
+            return self.spec.nbytes(values.shape[-2], values.shape[-1], values[..., 0, 0].numel())
         quantized = self.quantized
         q = 0 if quantized is None else quantized.nbytes
         # The tail is counted at fp16 whatever dtype the model runs in, so figures compare across devices.
@@ -120,6 +138,8 @@ class _Stream:
         return q + t
 
     def map(self, fn) -> None:
+        if self._engine is not None:
+            self._engine = _Growable(fn(self._engine.view))
         quantized = self.quantized
         if quantized is not None:
             self._store = tuple(_Growable(fn(t)) for t in (quantized.packed, quantized.scale, quantized.zero))
@@ -144,7 +164,8 @@ class MixedPrecisionLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
         new = key_states.shape[-2]
-        if self.fused_decode and self.cumulative_length > new:
+        integer = not (self.plan.key.is_engine or self.plan.value.is_engine)
+        if self.fused_decode and integer and self.cumulative_length > new:
             self._k.store(key_states)
             self._v.store(value_states)
             if self._k.num_tail >= new and self._v.num_tail >= new:  # this call's tokens still unrounded

@@ -147,7 +147,7 @@ def _csv(text: str) -> list[str]:
 def profile(
     model: str = typer.Option("default", help="Model to profile (see `kvtune ppl --help`)."),
     data: str = typer.Option("enwiki", help="Calibration text (see `kvtune ppl --help`)."),
-    pairs: str = typer.Option("k16v16,k8v8,k8v4,k4v8,k4v4,k4v2,k2v4,k2v2", help="Candidate pairs, comma-separated."),
+    formats: str = typer.Option("int", "--formats", "--pairs", help="Candidate pairs: int, vllm, llama.cpp, engine, all, or a list like k8v4,k[fp8]v[nvfp4]."),
     max_tokens: int = typer.Option(512, min=16, help="Tokens per calibration window."),
     windows: int = typer.Option(8, min=1, help="Calibration windows (more: slower, less noisy)."),
     batch_size: int = typer.Option(2, min=1),
@@ -164,12 +164,13 @@ def profile(
     fresh: bool = typer.Option(False, "--fresh", help="Discard partial results in --out instead of resuming."),
 ):
     """Per-layer sensitivity to every candidate (K bits, V bits) pair; resumes an interrupted run."""
+    from kvtune.formats import resolve_formats
     from kvtune.profiling import ProfileSettings, run_profile
 
     try:
         settings = ProfileSettings(
             model=model, data=data, seq_len=max_tokens, windows=windows, batch_size=batch_size, seed=seed,
-            device=device, pairs=_csv(pairs), key_mode=key_mode, value_mode=value_mode, group_size=group_size,
+            device=device, pairs=resolve_formats(formats), key_mode=key_mode, value_mode=value_mode, group_size=group_size,
             residual=residual, validate_windows=validate_windows, validate_pair=validate_pair,
             validate_layers=[int(x) for x in _csv(validate_layers)] or None,
         )
@@ -204,6 +205,7 @@ def search(
     verify: int = typer.Option(3, min=0, help="Best predicted plans to measure on verification text (0: pick by prediction)."),
     verify_windows: int = typer.Option(4, min=1),
     verify_uniform: bool = typer.Option(True, help="Also measure the uniform plans that fit the budget; the best measured plan wins."),
+    formats: str = typer.Option("", help="Search only these profiled pairs: int, vllm, llama.cpp, engine, all, or a list (default: every profiled pair)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     out: Path = typer.Option(Path("outputs/search"), help="Folder for front.csv, front.png, plan.json, search.json."),
@@ -213,7 +215,7 @@ def search(
 
     settings = SearchSettings(profile=str(profile), budget=budget, batch=batch, context=context, groups=groups,
                               generations=generations, pop_size=pop_size, verify=verify, verify_windows=verify_windows,
-                              verify_uniform=verify_uniform, seed=seed, device=device)
+                              verify_uniform=verify_uniform, formats=formats or None, seed=seed, device=device)
     try:
         result = run_search(settings, out)
     except KvtuneError as e:

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from kvtune.errors import PlanError
+from kvtune.formats import ENGINE_FORMATS
 from kvtune.quant import FULL_BITS, QuantSpec
 
 SCHEMA = "kvtune.plan"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: K and V may name an engine format (fp8, nvfp4, q8_0, …); version 1 files still load
+READABLE_VERSIONS = (1, 2)
 
 # KIVI's layout: keys per-channel (outlier channels get their own scale), values per-token.
 DEFAULT_KEY_MODE = "per-channel"
@@ -26,7 +28,8 @@ DEFAULT_VALUE_MODE = "per-token"
 DEFAULT_GROUP_SIZE = 32
 DEFAULT_RESIDUAL = 32
 
-_PAIR_RE = re.compile(r"^k(\d+)v(\d+)$", re.IGNORECASE)
+_PAIR_RE = re.compile(r"^k(\d+|\[[a-z0-9_]+\])v(\d+|\[[a-z0-9_]+\])$", re.IGNORECASE)
+Label = int | str  # a K or V format inside a pair: an integer width, or an engine format's name
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class LayerPlan:
 
     @property
     def pair(self) -> str:
-        return f"K{self.key.bits}V{self.value.bits}"
+        return pair_name(label_of(self.key), label_of(self.value))
 
     @property
     def nominal_bits(self) -> float:
@@ -71,8 +74,8 @@ class LayerPlan:
         group_size: int = DEFAULT_GROUP_SIZE,
         residual: int = DEFAULT_RESIDUAL,
     ) -> LayerPlan:
-        k_bits, v_bits = parse_pair(pair)
-        return cls(QuantSpec(k_bits, key_mode, group_size), QuantSpec(v_bits, value_mode, group_size), residual)
+        k_label, v_label = parse_pair(pair)
+        return cls(spec_from_label(k_label, key_mode, group_size), spec_from_label(v_label, value_mode, group_size), residual)
 
     def cache_bytes(self, tokens: int, shape: ModelShape, batch: int = 1) -> int:
         """Real bytes of this layer's K and V after ``tokens`` tokens: packed codes, fp16
@@ -85,13 +88,41 @@ class LayerPlan:
         return total
 
 
-def parse_pair(pair: str) -> tuple[int, int]:
+def _label(text: str) -> Label:
+    if text.isdigit():
+        QuantSpec(int(text))  # validates the width
+        return int(text)
+    name = text.strip("[]").lower()
+    if name in ("f16", "fp16", "bf16"):
+        return FULL_BITS
+    QuantSpec.engine(name)  # validates the name
+    return name
+
+
+def parse_pair(pair: str) -> tuple[Label, Label]:
+    """``k4v2`` → (4, 2); ``K[fp8]V[nvfp4]`` → ('fp8', 'nvfp4'); ``k[q8_0]v[q4_1]`` → ('q8_0', 'q4_1')."""
     match = _PAIR_RE.match(pair.strip())
     if not match:
-        raise PlanError(f"cannot read {pair!r} as a bit pair: expected the form k<bits>v<bits>, e.g. k4v2")
-    k_bits, v_bits = int(match.group(1)), int(match.group(2))
-    QuantSpec(k_bits), QuantSpec(v_bits)  # validates both widths
-    return k_bits, v_bits
+        raise PlanError(
+            f"cannot read {pair!r} as a K/V pair: expected k<bits>v<bits> (e.g. k4v2) or engine formats in "
+            "brackets (e.g. k[fp8]v[nvfp4])"
+        )
+    return _label(match.group(1)), _label(match.group(2))
+
+
+def pair_name(k: Label, v: Label) -> str:
+    """The one spelling of a pair in tables and files: ``K4V2``, ``K[fp8]V[nvfp4]``."""
+    show = lambda label: str(label) if isinstance(label, int) else f"[{label}]"  # noqa: E731
+    return f"K{show(k)}V{show(v)}"
+
+
+def label_of(spec: QuantSpec) -> Label:
+    return spec.format if spec.is_engine else spec.bits
+
+
+def spec_from_label(label: Label, mode: str, group_size: int) -> QuantSpec:
+    """An integer width takes the given mode and group; an engine format brings its own."""
+    return QuantSpec.engine(label) if isinstance(label, str) else QuantSpec(label, mode, group_size)
 
 
 @dataclass
@@ -142,6 +173,11 @@ class Plan:
             raise PlanError(f"plan was written for {self.shape}, but {model_name} is {shape}")
         for i, layer in enumerate(self.layers):
             for which, spec in (("key", layer.key), ("value", layer.value)):
+                if spec.is_engine and spec.format != "fp8" and shape.head_dim % spec.group_size:
+                    raise PlanError(
+                        f"layer {i} {which}: {spec.format} stores blocks of {spec.group_size} along head_dim, "
+                        f"which does not divide head_dim {shape.head_dim} of {model_name}"
+                    )
                 if spec.is_quantized and spec.mode == "per-token" and shape.head_dim % spec.group_size:
                     raise PlanError(
                         f"layer {i} {which}: per-token group_size {spec.group_size} does not divide "
@@ -173,9 +209,9 @@ class Plan:
         if data.get("schema") != SCHEMA:
             raise PlanError(f"not a kvtune plan: 'schema' is {data.get('schema')!r}, expected {SCHEMA!r}")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise PlanError(
-                f"plan schema_version {version!r} is not supported: this kvtune reads version {SCHEMA_VERSION}"
+                f"plan schema_version {version!r} is not supported: this kvtune reads versions {list(READABLE_VERSIONS)}"
             )
         layers_data = data.get("layers")
         if not isinstance(layers_data, list) or not layers_data:
@@ -221,6 +257,8 @@ class Plan:
 def _spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
     if not spec.is_quantized:
         return {"format": "fp16", "bits": FULL_BITS}
+    if spec.is_engine:
+        return {"format": spec.format, "bits": spec.bits, "mode": spec.mode, "group_size": spec.group_size}
     return {"format": "int", "bits": spec.bits, "mode": spec.mode, "group_size": spec.group_size}
 
 
@@ -241,8 +279,14 @@ def _spec_from_data(data: Any, default_mode: str, where: str) -> QuantSpec:
         if data.get("bits", FULL_BITS) != FULL_BITS:
             raise PlanError(f"{where}: format 'fp16' has 16 bits, not {data.get('bits')!r}")
         return QuantSpec(FULL_BITS)
+    if fmt in ENGINE_FORMATS:
+        spec = QuantSpec.engine(fmt, per_head=data.get("mode") == "per-head")
+        for name in ("bits", "mode", "group_size"):
+            if name in data and data[name] != getattr(spec, name):
+                raise PlanError(f"{where}: format {fmt!r} has {name} {getattr(spec, name)!r}, not {data[name]!r}")
+        return spec
     if fmt != "int":
-        raise PlanError(f"{where}: unknown format {fmt!r}; expected 'int' or 'fp16'")
+        raise PlanError(f"{where}: unknown format {fmt!r}; expected 'int', 'fp16' or one of {sorted(ENGINE_FORMATS)}")
     if "bits" not in data:
         raise PlanError(f"{where}: missing 'bits'")
     try:

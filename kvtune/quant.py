@@ -34,18 +34,57 @@ INT_BITS = (2, 4, 8)
 FULL_BITS = 16
 BITS = INT_BITS + (FULL_BITS,)
 MODES = ("per-token", "per-channel")
+FP8_MODES = ("per-tensor", "per-head")
 SCALE_DTYPE = torch.float16
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one of K or V is stored in one layer. ``bits == 16`` keeps the tensor as it is."""
+    """How one of K or V is stored in one layer. ``bits == 16`` keeps the tensor as it is.
+
+    ``format`` is ``"int"`` (this module's asymmetric integers, 16 = unquantized) or an engine's
+    native format from :mod:`kvtune.formats` (``fp8``, ``nvfp4``, ``q8_0``, ``q4_0``, ``q4_1``);
+    for those ``bits`` is the nominal width, and ``mode``/``group_size`` are the format's own
+    (``fp8``: ``per-tensor`` or ``per-head`` scale; the block formats: ``per-block``).
+    """
 
     bits: int
     mode: str = "per-token"
     group_size: int = 32
+    format: str = "int"
+
+    @classmethod
+    def engine(cls, name: str, per_head: bool = False) -> QuantSpec:
+        from kvtune.formats import ENGINE_FORMATS
+
+        if name not in ENGINE_FORMATS:
+            raise PlanError(f"unknown KV format {name!r}: expected one of {sorted(ENGINE_FORMATS)} or an integer width")
+        return cls(ENGINE_FORMATS[name], "per-head" if per_head else "per-tensor", 32, name)
+
+    @property
+    def is_engine(self) -> bool:
+        return self.format != "int"
+
+    @property
+    def label(self) -> str:
+        """How this spec is written inside a pair name: ``8`` for int8, ``[fp8]`` for FP8."""
+        return f"[{self.format}]" if self.is_engine else str(self.bits)
 
     def __post_init__(self):
+        if self.is_engine:
+            from kvtune.formats import BLOCK, ENGINE_FORMATS
+
+            if self.format not in ENGINE_FORMATS:
+                raise PlanError(f"unknown KV format {self.format!r}: expected 'int' or one of {sorted(ENGINE_FORMATS)}")
+            object.__setattr__(self, "bits", ENGINE_FORMATS[self.format])
+            if self.format == "fp8":
+                if self.mode not in FP8_MODES:
+                    object.__setattr__(self, "mode", "per-tensor")
+                object.__setattr__(self, "group_size", 32)
+            else:
+                object.__setattr__(self, "mode", "per-block")
+                object.__setattr__(self, "group_size", BLOCK[self.format])
+            return
         if self.bits not in BITS:
             raise PlanError(f"unknown bit width {self.bits!r}: expected one of {list(BITS)}")
         if self.bits == FULL_BITS:  # mode and group mean nothing unquantized: one canonical form
@@ -65,6 +104,10 @@ class QuantSpec:
         """Tokens that must be present before they can be quantized together."""
         return self.group_size if self.mode == "per-channel" else 1
 
+    def window(self, residual: int) -> int:
+        """The full-precision window this spec keeps: engines store every token in their format."""
+        return 0 if self.is_engine else residual
+
     def quantized_tokens(self, total_tokens: int, residual: int) -> int:
         """How many of the oldest tokens are stored quantized once ``total_tokens`` are cached.
 
@@ -75,12 +118,16 @@ class QuantSpec:
         if not self.is_quantized:
             return 0
         step = self.token_granularity
-        return max(total_tokens - residual, 0) // step * step
+        return max(total_tokens - self.window(residual), 0) // step * step
 
     def nbytes(self, tokens: int, head_dim: int, rows: int = 1) -> int:
         """Exact bytes to store ``rows`` (batch × heads) sequences of ``tokens`` quantized tokens."""
         if not self.is_quantized:
             return rows * tokens * head_dim * 2
+        if self.is_engine:
+            from kvtune import formats
+
+            return formats.nbytes(self.format, tokens, head_dim, rows, per_head=self.mode == "per-head")
         check_shape(tokens, head_dim, self)
         codes = tokens * head_dim * self.bits // 8
         groups = tokens * head_dim // self.group_size
@@ -93,6 +140,10 @@ class QuantSpec:
 
 def check_shape(tokens: int, head_dim: int, spec: QuantSpec) -> None:
     """The one place that states which shapes a spec can quantize."""
+    if spec.is_engine:
+        if spec.format != "fp8" and head_dim % spec.group_size:
+            raise ValueError(f"head_dim {head_dim} is not a multiple of {spec.format}'s block of {spec.group_size}")
+        return
     if head_dim % (8 // spec.bits) != 0:
         raise ValueError(f"head_dim {head_dim} cannot be packed at {spec.bits} bits")
     if spec.mode == "per-token" and head_dim % spec.group_size != 0:
@@ -237,6 +288,8 @@ class QuantizedTensor:
 def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     if not spec.is_quantized:
         raise ValueError("a 16-bit spec keeps tensors as they are; there is nothing to quantize")
+    if spec.is_engine:
+        raise ValueError(f"{spec.format} is stored by kvtune.formats, not as packed integer codes")
     scale, zero = choose_qparams(x, spec)
     codes = quantize_codes(x, scale, zero, spec)
     return QuantizedTensor(pack(codes, spec.bits), scale, zero, spec, x.dtype)
@@ -246,5 +299,9 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """quantize → dequantize without packing; identity for 16-bit specs."""
     if not spec.is_quantized:
         return x
+    if spec.is_engine:
+        from kvtune import formats
+
+        return formats.fake_quantize(x, spec.format, per_head=spec.mode == "per-head")
     scale, zero = choose_qparams(x, spec)
     return dequantize_codes(quantize_codes(x, scale, zero, spec), scale, zero, spec, x.dtype)

@@ -36,7 +36,7 @@ def seen_quantized(spec: QuantSpec, residual: int, length: int, device=None) -> 
     if not spec.is_quantized:
         return torch.zeros(length, length, dtype=torch.bool, device=device)
     step = spec.token_granularity
-    quantized_upto = (t + 1 - residual).clamp(min=0) // step * step  # quantized_tokens(t + 1), vectorised
+    quantized_upto = (t + 1 - spec.window(residual)).clamp(min=0) // step * step  # quantized_tokens(t + 1), vectorised
     i = t[None, :]
     return (i < quantized_upto[:, None]) & (i < t[:, None])
 

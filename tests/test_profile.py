@@ -165,7 +165,8 @@ def test_probe_errors_equal_simulated_attention_per_pair():
     torch.manual_seed(0)
     q = torch.randn(2, 4, 40, 32, dtype=torch.float64)
     k, v = torch.randn(2, 2, 40, 32, dtype=torch.float64), torch.randn(2, 2, 40, 32, dtype=torch.float64)
-    c = Candidates([(16, 16), (8, 4), (4, 4), (4, 2), (2, 4), (2, 2), (16, 2), (2, 16)], "per-channel", "per-token", 8, 4)
+    engine = [("fp8", "nvfp4"), ("q8_0", 2), (4, "q4_1"), ("fp8", 16)]
+    c = Candidates([(16, 16), (8, 4), (4, 4), (4, 2), (2, 4), (2, 2), (16, 2), (2, 16)] + engine, "per-channel", "per-token", 8, 4)
     probe = Probe(c, 1)
     exact = simulated_attention(q, k, v, c.layer_plan(16, 16), 0.3)
     probe._accumulate_errors(0, q, k, v, exact, 0.3, None)
@@ -179,5 +180,32 @@ def test_probe_errors_equal_simulated_attention_per_pair():
         assert sums.key_only[kb] == pytest.approx(direct(kb, 16), rel=1e-9)
     for vb in (4, 2):
         assert sums.value_only[vb] == pytest.approx(direct(16, vb), rel=1e-9)
-    for pair in [(8, 4), (4, 4), (4, 2), (2, 4), (2, 2)]:
+    for pair in [(8, 4), (4, 4), (4, 2), (2, 4), (2, 2)] + engine[:3]:
         assert sums.joint[pair] == pytest.approx(direct(*pair), rel=1e-9)
+    assert sums.key_only["fp8"] == pytest.approx(direct("fp8", 16), rel=1e-9)
+
+
+def test_taylor_terms_of_each_format_family_do_not_depend_on_the_other():
+    """One backward pass serves integer formats (residual window) and engine formats (no window)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kvtune.profiling.probe import Candidates, Probe
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 24, 32, dtype=torch.float64)
+    k, v = torch.randn(1, 2, 24, 32, dtype=torch.float64), torch.randn(1, 2, 24, 32, dtype=torch.float64)
+    target = torch.randn(1, 24, 4, 32, dtype=torch.float64)
+
+    def terms(pairs):
+        probe = Probe(Candidates(pairs, "per-channel", "per-token", 8, 4), 1)
+        out, _ = probe.attention(SimpleNamespace(layer_idx=0), q, k, v, None, 0.3)
+        (out - target).pow(2).sum().backward()
+        return probe.first_order_terms(0)
+
+    both = terms([(4, 2), ("fp8", "nvfp4")])
+    ints, engines = terms([(4, 2)]), terms([("fp8", "nvfp4")])
+    assert torch.allclose(both["k"][4], ints["k"][4]) and torch.allclose(both["v"][2], ints["v"][2])
+    assert torch.allclose(both["k"]["fp8"], engines["k"]["fp8"]) and torch.allclose(both["v"]["nvfp4"], engines["v"]["nvfp4"])
+    assert not torch.allclose(both["k"][4], 0 * both["k"][4])

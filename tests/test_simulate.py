@@ -81,3 +81,15 @@ def test_default_model_simulated_ppl_agrees_with_decoding(default_model):
     fp = perplexity(model, window, None)
     assert math.exp(decoded.mean().item()) > fp * 1.05  # quantization is visible at this length
     assert torch.allclose(simulated, decoded, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("key, value", [("q8_0", "q4_1"), ("q4_0", None)])
+def test_simulated_engine_formats_equal_decoding_through_the_cache(key, value):
+    """Block formats quantize each token on its own, so prefill simulation and decode agree exactly."""
+    torch.manual_seed(1)
+    q = torch.randn(1, 4, 20, 32, dtype=torch.float64)
+    k, v = torch.randn(1, 2, 20, 32, dtype=torch.float64), torch.randn(1, 2, 20, 32, dtype=torch.float64)
+    layer = LayerPlan(QuantSpec.engine(key), QuantSpec.engine(value) if value else QuantSpec(4, "per-token", 16), 5)
+    sim = simulated_attention(q, k, v, layer, 0.2)
+    assert torch.allclose(sim, _decode_attention(q, k, v, layer, 0.2), atol=1e-12, rtol=0)
+    assert not torch.allclose(sim, simulated_attention(q, k, v, LayerPlan(QuantSpec(16), QuantSpec(16)), 0.2))

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from kvtune.errors import ProfileError
-from kvtune.plan import ModelShape, parse_pair
+from kvtune.plan import ModelShape, pair_name, parse_pair
 
 SCHEMA = "kvtune.profile"
 SCHEMA_VERSION = 1
@@ -111,9 +111,7 @@ def _validate(table: pd.DataFrame, meta, where: Path) -> None:
         )
     try:
         shape = ModelShape(**meta["shape"])
-        pairs = [p.upper() for p in meta["pairs"]]
-        for p in pairs:
-            parse_pair(p)
+        pairs = [pair_name(*parse_pair(p)) for p in meta["pairs"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ProfileError(f"{where}/{META_FILE}: missing or malformed 'shape'/'pairs' ({e})") from None
     missing = [c for c in COLUMNS if c not in table.columns]

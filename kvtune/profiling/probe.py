@@ -15,48 +15,66 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtune.plan import LayerPlan
+from kvtune.plan import Label, LayerPlan, spec_from_label
 from kvtune.quant import QuantSpec
-from kvtune.simulate import fake_quantize_prefix, seen_quantized, two_view_attention
+from kvtune.simulate import fake_quantize_prefix, seen_quantized
 
 PROBE_NAME = "kvtune_probe"
 FP = QuantSpec(16)
 
 
+def _order(label) -> tuple:
+    return (isinstance(label, str), str(label) if isinstance(label, str) else -label)
+
+
 @dataclass
 class Candidates:
-    """The pairs under study and the quantization setting they share."""
+    """The pairs under study and the quantization setting the integer ones share.
 
-    pairs: list[tuple[int, int]]
+    A pair is two labels (:data:`kvtune.plan.Label`): an integer width, or an engine format name.
+    The attributes named ``*_bits`` hold labels (historical name: they were widths only)."""
+
+    pairs: list[tuple[Label, Label]]
     key_mode: str
     value_mode: str
     group_size: int
     residual: int
 
-    def key_spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits, self.key_mode, self.group_size)
+    def key_spec(self, label: Label) -> QuantSpec:
+        return spec_from_label(label, self.key_mode, self.group_size)
 
-    def value_spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits, self.value_mode, self.group_size)
+    def value_spec(self, label: Label) -> QuantSpec:
+        return spec_from_label(label, self.value_mode, self.group_size)
 
-    def layer_plan(self, k_bits: int, v_bits: int) -> LayerPlan:
-        return LayerPlan(self.key_spec(k_bits), self.value_spec(v_bits), self.residual)
-
-    @property
-    def key_bits(self) -> list[int]:
-        return sorted({k for k, _ in self.pairs if k != 16})
+    def layer_plan(self, k: Label, v: Label) -> LayerPlan:
+        return LayerPlan(self.key_spec(k), self.value_spec(v), self.residual)
 
     @property
-    def value_bits(self) -> list[int]:
-        return sorted({v for _, v in self.pairs if v != 16})
+    def key_bits(self) -> list[Label]:
+        return sorted({k for k, _ in self.pairs if k != 16}, key=_order)
+
+    @property
+    def value_bits(self) -> list[Label]:
+        return sorted({v for _, v in self.pairs if v != 16}, key=_order)
+
+    @property
+    def families(self) -> list[str]:
+        """Which read patterns occur: ``int`` (residual window) and/or ``engine`` (every token)."""
+        labels = self.key_bits + self.value_bits
+        return [f for f, present in (("int", any(isinstance(x, int) for x in labels)),
+                                     ("engine", any(isinstance(x, str) for x in labels))) if present]
+
+
+def family(label: Label) -> str:
+    return "engine" if isinstance(label, str) else "int"
 
 
 @dataclass
 class LayerCapture:
     key: torch.Tensor
     value: torch.Tensor
-    dk: torch.Tensor
-    dv: torch.Tensor
+    dk: dict  # family -> zero tensor whose gradient is dLoss/dK as read quantized by that family
+    dv: dict
 
 
 @dataclass
@@ -77,16 +95,24 @@ class Probe:
 
     def attention(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         layer, length = module.layer_idx, query.shape[-2]
-        dk = torch.zeros_like(key, requires_grad=True)
-        dv = torch.zeros_like(value, requires_grad=True)
+        families = self.c.families or ["int"]
+        dk = {f: torch.zeros_like(key, requires_grad=True) for f in families}
+        dv = {f: torch.zeros_like(value, requires_grad=True) for f in families}
         self.captures[layer] = LayerCapture(key.detach(), value.detach(), dk, dv)
-        # Any width gives the same read pattern: it depends on mode, group and residual only.
-        key_seen = seen_quantized(self.c.key_spec(8), self.c.residual, length, query.device)
-        value_seen = seen_quantized(self.c.value_spec(8), self.c.residual, length, query.device)
-        out = two_view_attention(query, key, value, key + dk, value + dv, key_seen, value_seen, scaling, attention_mask)
+        # The read pattern depends on the family (mode, group and residual for integers; every
+        # earlier token for engine formats), not on the width. At dk = dv = 0 the attention is
+        # exact and linear in each view's perturbation, so one pass gives every family's gradient.
+        views = [(dk[f], dv[f], self._seen(f, "key", length, query.device), self._seen(f, "value", length, query.device))
+                 for f in families]
+        out = perturbed_attention(query, key, value, views, scaling, attention_mask)
         with torch.no_grad():
             self._accumulate_errors(layer, query.detach(), key.detach(), value.detach(), out.detach(), scaling, attention_mask)
         return out.transpose(1, 2).contiguous(), None
+
+    def _seen(self, fam: str, which: str, length: int, device) -> torch.Tensor:
+        label = "fp8" if fam == "engine" else 8  # any member of the family reads the same way
+        spec = self.c.key_spec(label) if which == "key" else self.c.value_spec(label)
+        return seen_quantized(spec, self.c.residual, length, device)
 
     def _accumulate_errors(self, layer, q, k, v, out, scaling, mask) -> None:
         """All one-sided and joint errors of this layer from 1 + |K widths| softmaxes.
@@ -96,8 +122,8 @@ class Probe:
         """
         length, groups = q.shape[-2], q.shape[1] // k.shape[1]
         residual = self.c.residual
-        key_seen = seen_quantized(self.c.key_spec(8), residual, length, q.device)
-        value_seen = seen_quantized(self.c.value_spec(8), residual, length, q.device).to(q.dtype)
+        key_seen = {f: self._seen(f, "key", length, q.device) for f in ("int", "engine")}
+        value_seen = {f: self._seen(f, "value", length, q.device).to(q.dtype) for f in ("int", "engine")}
         if mask is None:
             mask = torch.zeros(length, length, dtype=q.dtype, device=q.device).masked_fill(
                 ~torch.ones(length, length, dtype=torch.bool, device=q.device).tril(), float("-inf")
@@ -118,15 +144,15 @@ class Probe:
             scores = exact_scores
             if k_bits != 16:
                 k_hat = fake_quantize_prefix(k, self.c.key_spec(k_bits), residual).repeat_interleave(groups, 1)
-                scores = torch.where(key_seen, torch.matmul(q, k_hat.transpose(-1, -2)), exact_scores)
+                scores = torch.where(key_seen[family(k_bits)], torch.matmul(q, k_hat.transpose(-1, -2)), exact_scores)
             probs = torch.softmax(scores * scaling + mask[..., :length], dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
             base = torch.matmul(probs, v_rep)
             if k_bits != 16:
                 sums.key_only[k_bits] = sums.key_only.get(k_bits, 0.0) + deviation(base)
             wanted = self.c.value_bits if k_bits == 16 else [vb for kb, vb in self.c.pairs if kb == k_bits and vb != 16]
-            masked = probs * value_seen if wanted else None
+            masked = {f: probs * value_seen[f] for f in {family(vb) for vb in wanted}}
             for v_bits in wanted:
-                approx = base + torch.matmul(masked, v_shift[v_bits])
+                approx = base + torch.matmul(masked[family(v_bits)], v_shift[v_bits])
                 if k_bits == 16:
                     sums.value_only[v_bits] = sums.value_only.get(v_bits, 0.0) + deviation(approx)
                 else:
@@ -137,13 +163,38 @@ class Probe:
         cap = self.captures[layer]
         terms: dict[str, dict[int, torch.Tensor]] = {"k": {}, "v": {}}
         for name, x, grad, bits_list, spec_of in (
-            ("k", cap.key, cap.dk.grad, self.c.key_bits, self.c.key_spec),
-            ("v", cap.value, cap.dv.grad, self.c.value_bits, self.c.value_spec),
+            ("k", cap.key, cap.dk, self.c.key_bits, self.c.key_spec),
+            ("v", cap.value, cap.dv, self.c.value_bits, self.c.value_spec),
         ):
             for b in bits_list:
-                gd = (grad * (fake_quantize_prefix(x, spec_of(b), self.c.residual) - x)).double().flatten(1)
+                grad_of_family = grad[family(b)].grad
+                gd = (grad_of_family * (fake_quantize_prefix(x, spec_of(b), self.c.residual) - x)).double().flatten(1)
                 terms[name][b] = torch.stack([gd.sum(1), gd.abs().sum(1), gd.pow(2).sum(1)], dim=1)
         return terms
+
+
+def perturbed_attention(query, key, value, views, scaling, attention_mask=None):
+    """Causal attention (GQA) plus, for each view ``(dk, dv, key_seen, value_seen)``, the
+    perturbation read where that view's (T, T) masks say a query reads the quantized store:
+    scores = q·k + Σ seen⊙(q·dk), out = P·v + Σ (P⊙seen)·dv. With zero perturbations this is exact
+    attention whose gradient w.r.t. each dk/dv is the one of that view alone."""
+    length = query.shape[-2]
+    groups = query.shape[1] // key.shape[1]
+    rep = lambda x: x.repeat_interleave(groups, dim=1)  # noqa: E731
+    scores = torch.matmul(query, rep(key).transpose(-1, -2))
+    for dk, _, key_seen, _ in views:
+        scores = scores + key_seen * torch.matmul(query, rep(dk).transpose(-1, -2))
+    scores = scores * scaling
+    if attention_mask is None:
+        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :length]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    out = torch.matmul(probs, rep(value))
+    for _, dv, _, value_seen in views:
+        out = out + torch.matmul(probs * value_seen.to(probs.dtype), rep(dv))
+    return out
 
 
 @contextmanager

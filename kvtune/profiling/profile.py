@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from kvtune.data import DEFAULT_DATA, load_windows
 from kvtune.errors import ProfileError
 from kvtune.models import DEFAULT_MODEL, canonical_name, load_model, model_shape
-from kvtune.plan import DEFAULT_GROUP_SIZE, DEFAULT_KEY_MODE, DEFAULT_RESIDUAL, DEFAULT_VALUE_MODE, parse_pair
+from kvtune.plan import DEFAULT_GROUP_SIZE, DEFAULT_KEY_MODE, DEFAULT_RESIDUAL, DEFAULT_VALUE_MODE, pair_name, parse_pair
 from kvtune.profiling.artifact import HEATMAP_FILE, SCHEMA, SCHEMA_VERSION, Profile, save_heatmap, spearman
 from kvtune.profiling.measure import LayerReplay
 from kvtune.profiling.probe import Candidates, Probe, probing
@@ -80,8 +80,7 @@ class ProfileSettings:
         return d
 
 
-def _pair_name(k: int, v: int) -> str:
-    return f"K{k}V{v}"
+_pair_name = pair_name
 
 
 class _State:
@@ -158,6 +157,9 @@ def _validation_targets(settings: ProfileSettings, num_layers: int) -> list[tupl
         raise ProfileError(f"validate layers {layers} outside 0..{num_layers - 1}")
     aggressive = _pair_name(*parse_pair(settings.validate_pair))
     names = [_pair_name(*parse_pair(p)) for p in settings.pairs if parse_pair(p) != (16, 16)]
+    if aggressive not in names and names:  # e.g. an engine-format profile: its own narrowest pair
+        c = settings.candidates()
+        aggressive = min(names, key=lambda n: sum(spec.bits for spec in (c.key_spec(parse_pair(n)[0]), c.value_spec(parse_pair(n)[1]))))
     targets = [(layer, aggressive) for layer in range(num_layers)]
     targets += [(layer, name) for layer in layers for name in names if name != aggressive]
     return targets
@@ -185,9 +187,9 @@ def _table(acc: dict, measured: dict, c: Candidates) -> pd.DataFrame:
                 {
                     "layer": layer,
                     "pair": name,
-                    "k_bits": k,
-                    "v_bits": v,
-                    "nominal_bits": (k + v) / 2,
+                    "k_bits": c.key_spec(k).bits,  # nominal width; the pair name tells the format
+                    "v_bits": c.value_spec(v).bits,
+                    "nominal_bits": (c.key_spec(k).bits + c.value_spec(v).bits) / 2,
                     "attn_err": joint,
                     "attn_err_k": k_err,
                     "attn_err_v": v_err,

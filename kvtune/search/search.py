@@ -48,6 +48,7 @@ class SearchSettings:
     gap_tolerance: float = 0.02
     verify: int = 3
     verify_uniform: bool = True  # measure the uniform plans within budget beside the front's best
+    formats: str | None = None  # a set or list of pairs (kvtune.formats.resolve_formats); None: all profiled
     verify_windows: int = 4
     verify_seq_len: int = 512
     model: str | None = None  # default: the profile's
@@ -69,6 +70,22 @@ def layer_plans(profile: Profile) -> list[LayerPlan]:
         LayerPlan.from_pair(p, key_mode=s["key_mode"], value_mode=s["value_mode"], group_size=s["group_size"], residual=s["residual"])
         for p in profile.pairs
     ]
+
+
+def allowed_pairs(profile: Profile, formats: str | None) -> list[int]:
+    """Columns of the profile that ``--formats`` admits; every pair it names must have been profiled."""
+    if formats is None:
+        return list(range(len(profile.pairs)))
+    from kvtune.formats import resolve_formats
+
+    wanted = resolve_formats(formats)
+    missing = [p for p in wanted if p not in profile.pairs]
+    if missing:
+        raise BudgetError(
+            f"--formats {formats} asks for pairs the profile does not have: {missing}; profile them "
+            f"(kvtune profile --formats {formats}) or choose from {profile.pairs}"
+        )
+    return [profile.pairs.index(p) for p in wanted]
 
 
 def memory_tables(profile: Profile, budget: Budget, context: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -122,10 +139,11 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
     profile = Profile.load(settings.profile)
     out = Path(out)
     started = time.perf_counter()
-    pairs = [parse_pair(p) for p in profile.pairs]
-    cost = profile.matrix("taylor")
+    allowed = allowed_pairs(profile, settings.formats)
+    pairs = [parse_pair(profile.pairs[j]) for j in allowed]
+    cost = profile.matrix("taylor")[:, allowed]
     bits, nbytes, context = memory_tables(profile, budget, settings.context)
-    memory = bits if budget.kind == "bits" else nbytes
+    memory = (bits if budget.kind == "bits" else nbytes)[:, allowed]
     smallest = memory.min(axis=1).sum()
     if smallest > budget.value * (1 + 1e-12):
         raise BudgetError(
@@ -153,7 +171,7 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
     plans, records = [], []
     for i, j in enumerate(kept):
         source, x = candidates[j]
-        plan = plan_from_pairs(profile, space.layer_pairs(x), name=f"front-{i}")
+        plan = plan_from_pairs(profile, [allowed[j] for j in space.layer_pairs(x)], name=f"front-{i}")
         plans.append(plan)
         records.append({"id": i, "source": source, "predicted_loss": objectives[j, 0],
                         **_memory_figures(plan, profile.shape, context, budget.batch),
@@ -164,10 +182,11 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
         to_verify = sorted(range(len(records)), key=lambda i: records[i]["predicted_loss"])[: settings.verify]
         to_verify = list(dict.fromkeys(to_verify + exact_rows))
         if settings.verify_uniform:
-            for j, pair in enumerate(profile.pairs):
+            for j, column in enumerate(allowed):
+                pair = profile.pairs[column]
                 if memory[:, j].sum() > budget.value * (1 + 1e-12):
                     continue
-                plan = plan_from_pairs(profile, [j] * profile.num_layers, name=f"uniform:{pair.lower()}")
+                plan = plan_from_pairs(profile, [column] * profile.num_layers, name=f"uniform:{pair.lower()}")
                 if ",".join(plan.pairs) in {r["pairs"] for r in records}:
                     continue  # already on the front
                 plans.append(plan)
@@ -211,7 +230,8 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
         "chosen": int(chosen),
         "seconds": time.perf_counter() - started,
     }
-    _write(out, front, plan, meta, profile, cost, bits, budget, context)
+    references = [profile.pairs[j] for j in allowed if profile.pairs[j].lower() != "k16v16"]
+    _write(out, front, plan, meta, profile, references, budget, context)
     return SearchResult(front, plan, meta)
 
 
@@ -227,12 +247,12 @@ def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progr
     return [token_nll(model, windows, plan).mean().item() for plan in tqdm(plans, desc="search: verify", disable=not progress)]
 
 
-def _write(out: Path, front, plan, meta, profile, cost, bits, budget, context) -> None:
+def _write(out: Path, front, plan, meta, profile, references, budget, context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     front.to_csv(out / FRONT_FILE, index=False)
     plan.save(out / PLAN_FILE)
     (out / META_FILE).write_text(json.dumps(meta, indent=2, default=float) + "\n")
-    _plot(out / PLOT_FILE, front, profile, cost, budget, context)
+    _plot(out / PLOT_FILE, front, profile, references, budget, context)
 
 
 def uniform_reference(profile: Profile, pair: str, context: int, batch: int) -> dict:
@@ -243,7 +263,7 @@ def uniform_reference(profile: Profile, pair: str, context: int, batch: int) -> 
             **_memory_figures(plan, profile.shape, context, batch)}
 
 
-def _plot(path: Path, front: pd.DataFrame, profile: Profile, cost, budget: Budget, context: int) -> None:
+def _plot(path: Path, front: pd.DataFrame, profile: Profile, references: list[str], budget: Budget, context: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,12 +274,10 @@ def _plot(path: Path, front: pd.DataFrame, profile: Profile, cost, budget: Budge
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     predicted = front[front["source"] != "uniform"]
     ax.plot(predicted[x_col] * scale, predicted["predicted_loss"], "o-", ms=3, label="kvtune front (NSGA-II)")
-    for pair in UNIFORM_REFERENCES:
-        if pair.upper() not in profile.pairs:
-            continue
+    for pair in references:
         ref = uniform_reference(profile, pair, context, budget.batch)
         ax.plot(ref[x_col] * scale, ref["predicted_loss"], "s", color="tab:red", ms=5)
-        ax.annotate(pair.upper(), (ref[x_col] * scale, ref["predicted_loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(pair, (ref[x_col] * scale, ref["predicted_loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     chosen = front[front["chosen"]]
     ax.plot(chosen[x_col] * scale, chosen["predicted_loss"], "*", color="gold", ms=14, mec="k", label="chosen plan")
     ax.axvline(budget.value * scale, color="gray", ls="--", lw=1, label=f"budget {budget.text}")

@@ -1,0 +1,203 @@
+"""KV formats that serving engines store natively: the plain-PyTorch reference for each.
+
+==========  =========================================================  ============  ==============
+format      stored as                                                  nominal bits  bits / element
+==========  =========================================================  ============  ==============
+``fp8``     E4M3 values, one fp32 scale per tensor (or per KV head)     8             8 (+ the scale)
+``nvfp4``   E2M1 values in blocks of 16 along head_dim, an E4M3         4             4.5 (+ 32 bits
+            scale per block, one fp32 scale per tensor                                per tensor)
+``q8_0``    llama.cpp: int8 in blocks of 32, fp16 scale                 8             8.5
+``q4_0``    llama.cpp: 4-bit in blocks of 32, fp16 scale (symmetric)    4             4.5
+``q4_1``    llama.cpp: 4-bit in blocks of 32, fp16 scale and minimum    4             5
+==========  =========================================================  ============  ==============
+
+Each format is one function ``quantize(x) -> (codes, scales…)`` and one ``dequantize``; the
+llama.cpp ones follow ``quantize_row_q*_ref`` in ggml-quants.c step for step (float32 arithmetic,
+``roundf`` rounding half away from zero, the scale rounded to fp16 after the codes are chosen).
+FP8 and NVFP4 scales are taken from the tensor itself (amax); an engine stores the per-tensor
+scale as a calibrated constant per layer, which is what the amax of a calibration batch gives.
+Engines keep no full-precision window: every cached token is stored in the format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+ENGINE_FORMATS = {"fp8": 8, "nvfp4": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4}  # name -> nominal bits
+BLOCK = {"fp8": None, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32}
+
+
+def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] % size:
+        raise ValueError(f"head_dim {x.shape[-1]} is not a multiple of the format's block of {size}")
+    return x.float().unflatten(-1, (-1, size))
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf: halves away from zero (torch.round goes to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+# ---- FP8 E4M3 ----------------------------------------------------------------------------------
+
+
+def fp8_scale(x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+    """fp32 scale so that the tensor's (or each head's) amax maps to E4M3's largest value."""
+    amax = x.float().abs().amax(dim=(-2, -1), keepdim=True) if per_head else x.float().abs().amax().reshape(1)
+    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+
+
+def fp8_fake(x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+    scale = fp8_scale(x, per_head)
+    codes = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return (codes.float() * scale).to(x.dtype)
+
+
+# ---- NVFP4 -------------------------------------------------------------------------------------
+
+
+def e2m1_round(y: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 value (sign kept, magnitude clamped to 6); a tie goes to the even code."""
+    grid = E2M1_GRID.to(y.device)
+    mag = y.abs().clamp(max=E2M1_MAX).contiguous()
+    upper = torch.bucketize(mag, grid).clamp(1, len(grid) - 1)  # grid[upper-1] <= mag <= grid[upper]
+    lo, hi = grid[upper - 1], grid[upper]
+    pick_hi = (hi - mag < mag - lo) | ((hi - mag == mag - lo) & (upper % 2 == 0))
+    return torch.sign(y) * torch.where(pick_hi, hi, lo)
+
+
+def nvfp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(E2M1 values as float, E4M3 block scales, fp32 tensor scale)."""
+    blocks = _blocks(x, 16)
+    amax = blocks.abs().amax()
+    tensor_scale = torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax)).reshape(1)
+    block_scale = (blocks.abs().amax(-1, keepdim=True) / E2M1_MAX / tensor_scale).to(torch.float8_e4m3fn)
+    step = block_scale.float() * tensor_scale
+    values = e2m1_round(blocks * _safe_inverse(step))
+    return values, block_scale, tensor_scale
+
+
+def nvfp4_dequantize(values, block_scale, tensor_scale, dtype=torch.float32) -> torch.Tensor:
+    return (values * block_scale.float() * tensor_scale).flatten(-2).to(dtype)
+
+
+def nvfp4_fake(x: torch.Tensor) -> torch.Tensor:
+    return nvfp4_dequantize(*nvfp4_quantize(x), dtype=x.dtype)
+
+
+# ---- llama.cpp block formats --------------------------------------------------------------------
+
+
+def q8_0_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = _blocks(x, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0
+    codes = _roundf(blocks * _safe_inverse(d)).to(torch.int8)
+    return codes, d.to(torch.float16)
+
+
+def q8_0_dequantize(codes, d, dtype=torch.float32) -> torch.Tensor:
+    return (codes.float() * d.float()).flatten(-2).to(dtype)
+
+
+def q4_0_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = _blocks(x, 32)
+    # The signed value of largest magnitude (the first one on a tie, as the C loop keeps it).
+    signed_max = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    d = signed_max / -8.0
+    codes = torch.clamp(torch.trunc(blocks * _safe_inverse(d) + 8.5), max=15).to(torch.uint8)
+    return codes, d.to(torch.float16)
+
+
+def q4_0_dequantize(codes, d, dtype=torch.float32) -> torch.Tensor:
+    return ((codes.float() - 8.0) * d.float()).flatten(-2).to(dtype)
+
+
+def q4_1_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    blocks = _blocks(x, 32)
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    d = (hi - lo) / 15.0
+    codes = torch.clamp(torch.trunc((blocks - lo) * _safe_inverse(d) + 0.5), max=15).to(torch.uint8)
+    return codes, d.to(torch.float16), lo.to(torch.float16)
+
+
+def q4_1_dequantize(codes, d, m, dtype=torch.float32) -> torch.Tensor:
+    return (codes.float() * d.float() + m.float()).flatten(-2).to(dtype)
+
+
+# ---- one entry point per use -------------------------------------------------------------------
+
+
+def fake_quantize(x: torch.Tensor, name: str, per_head: bool = False) -> torch.Tensor:
+    """quantize → dequantize in ``name``'s format, in ``x``'s dtype."""
+    if name == "fp8":
+        return fp8_fake(x, per_head)
+    if name == "nvfp4":
+        return nvfp4_fake(x)
+    if name == "q8_0":
+        return q8_0_dequantize(*q8_0_quantize(x), dtype=x.dtype)
+    if name == "q4_0":
+        return q4_0_dequantize(*q4_0_quantize(x), dtype=x.dtype)
+    if name == "q4_1":
+        return q4_1_dequantize(*q4_1_quantize(x), dtype=x.dtype)
+    raise ValueError(f"unknown engine format {name!r}: expected one of {sorted(ENGINE_FORMATS)}")
+
+
+def nbytes(name: str, tokens: int, head_dim: int, rows: int = 1, per_head: bool = False) -> int:
+    """Bytes an engine stores for ``rows`` (batch × KV heads) sequences of ``tokens`` tokens.
+
+    Per-tensor fp32 scales are counted once per stream (4 bytes), per-head ones once per row.
+    """
+    elements = rows * tokens * head_dim
+    if elements == 0:
+        return 0
+    if name == "fp8":
+        return elements + 4 * (rows if per_head else 1)
+    if name == "nvfp4":
+        return elements // 2 + elements // 16 + 4
+    if name == "q8_0":
+        return elements + 2 * (elements // 32)
+    if name == "q4_0":
+        return elements // 2 + 2 * (elements // 32)
+    if name == "q4_1":
+        return elements // 2 + 4 * (elements // 32)
+    raise ValueError(f"unknown engine format {name!r}")
+
+
+# ---- named sets of candidate pairs (`--formats`) -------------------------------------------------
+
+_INT_PAIRS = ("k16v16", "k8v8", "k8v4", "k4v8", "k4v4", "k4v2", "k2v4", "k2v2")
+# vLLM / ModelOpt per-layer algorithms: FP8, NVFP4, FP8 keys with NVFP4 values; skipped layers stay 16-bit.
+_VLLM_PAIRS = ("k16v16", "k[fp8]v[fp8]", "k[fp8]v[nvfp4]", "k[nvfp4]v[nvfp4]")
+_LLAMA_CPP_TYPES = ("16", "[q8_0]", "[q4_0]", "[q4_1]")  # f16 and the block types; K and V chosen apart
+_LLAMA_CPP_PAIRS = tuple(f"k{k}v{v}" for k in _LLAMA_CPP_TYPES for v in _LLAMA_CPP_TYPES)
+FORMAT_SETS = {
+    "int": _INT_PAIRS,
+    "vllm": _VLLM_PAIRS,
+    "llama.cpp": _LLAMA_CPP_PAIRS,
+    "engine": tuple(dict.fromkeys(_VLLM_PAIRS + _LLAMA_CPP_PAIRS)),
+    "all": tuple(dict.fromkeys(_INT_PAIRS + _VLLM_PAIRS + _LLAMA_CPP_PAIRS)),
+}
+
+
+def resolve_formats(text: str) -> list[str]:
+    """A set name (``int``, ``vllm``, ``llama.cpp``, ``engine``, ``all``) or a comma-separated list
+    of pairs → canonical pair names, in order, without repeats."""
+    from kvtune.errors import PlanError
+    from kvtune.plan import pair_name, parse_pair
+
+    text = text.strip()
+    items = FORMAT_SETS.get(text.lower()) or [p for p in text.split(",") if p.strip()]
+    if not items:
+        raise PlanError(f"--formats is empty: give one of {sorted(FORMAT_SETS)} or a list like k8v4,k[fp8]v[nvfp4]")
+    try:
+        return list(dict.fromkeys(pair_name(*parse_pair(p)) for p in items))
+    except PlanError as e:
+        raise PlanError(f"--formats {text!r}: {e}; named sets: {sorted(FORMAT_SETS)}") from None
