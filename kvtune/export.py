@@ -8,13 +8,19 @@ format                 what it writes
 ``hf-quantized-cache`` keyword arguments for transformers' own ``QuantizedCache`` (KIVI-style,
                        ``generate(cache_implementation="quantized", cache_config=...)``): one
                        width for K and V in every layer
-``llama.cpp``          ``--cache-type-k`` / ``--cache-type-v`` flags: one type for K and one for V
-                       in every layer
+``modelopt-hf``        the KV part of a ModelOpt Hugging Face checkpoint's quantization metadata:
+                       a per-layer map of ``FP8`` / ``NVFP4`` / ``FP8_K_NVFP4_V`` under
+                       ``MIXED_PRECISION`` (what vLLM's layer-wise mixed KV reads)
+``trtllm``             TensorRT-LLM's per-layer KV dtype, as a range string and as a dict
+``sglang``             a default ``--kv-cache-dtype`` plus per-layer overrides (range string, map)
+``llama.cpp``          ``--cache-type-k`` / ``--cache-type-v``: one type for K and one for V
+``ik-llama.cpp``       as llama.cpp, plus other types for the first/last N layers of K and of V
 =====================  ==========================================================================
 
 A plan a target cannot express is refused with the first layer and what the target lacks,
 unless ``nearest=True``: then every layer moves to the nearest expressible setting with no fewer
-bits, and the memory change is reported.
+(nominal) bits on K and on V, and the memory change is reported. docs/eval-export.md has the
+table of engines and what each accepts.
 """
 
 from __future__ import annotations
@@ -24,14 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvtune.errors import PlanError
-from kvtune.plan import LayerPlan, ModelShape, Plan
+from kvtune.plan import Label, LayerPlan, ModelShape, Plan, label_of, pair_name
 from kvtune.quant import QuantSpec
 
-FORMATS = ("kvtune", "hf-quantized-cache", "llama.cpp")
+FORMATS = ("kvtune", "hf-quantized-cache", "modelopt-hf", "trtllm", "sglang", "llama.cpp", "ik-llama.cpp")
 # transformers' QuantizedCache backends and the widths each accepts (its own checks).
 _HF_BITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}
-# llama.cpp KV cache types by their bits per element (block scales included in the name's width).
-_LLAMA_CPP = {16: "f16", 8: "q8_0", 4: "q4_1"}
+# llama.cpp KV cache types (kvtune label → type name); an integer width maps to the type of
+# that nominal width, asymmetric 4-bit (q4_1) for kvtune's asymmetric int4.
+_LLAMA_CPP_TYPES = {16: "f16", "q8_0": "q8_0", "q4_1": "q4_1", "q4_0": "q4_0"}
+_LLAMA_CPP_FROM_INT = {16: 16, 8: "q8_0", 4: "q4_1"}
+# Per-layer options of the engines that take one setting per layer: name → (K label, V label).
+_MODELOPT = {"NVFP4": ("nvfp4", "nvfp4"), "FP8_K_NVFP4_V": ("fp8", "nvfp4"), "FP8": ("fp8", "fp8"), None: (16, 16)}
+_TRTLLM = {"nvfp4": ("nvfp4", "nvfp4"), "fp8": ("fp8", "fp8"), "auto": (16, 16)}
+_SGLANG = {"fp4_e2m1": ("nvfp4", "nvfp4"), "fp8_e4m3": ("fp8", "fp8"), "bf16": (16, 16)}
 
 
 @dataclass
@@ -79,6 +91,137 @@ def _memory_note(before: Plan, after: Plan, shape: ModelShape | None, context: i
             f"nominal bits {before.nominal_bits():.3f} -> {after.nominal_bits():.3f}")
 
 
+def _bits(label: Label) -> int:
+    return label if isinstance(label, int) else QuantSpec.engine(label).bits
+
+
+def _layer_of(label_k: Label, label_v: Label, like: LayerPlan) -> LayerPlan:
+    spec = lambda label, old: old if label_of(old) == label else (  # noqa: E731
+        QuantSpec.engine(label) if isinstance(label, str) else QuantSpec(label, old.mode if old.is_quantized and not old.is_engine else "per-token"))
+    return LayerPlan(spec(label_k, like.key), spec(label_v, like.value), like.residual)
+
+
+def _per_layer(plan: Plan, options: dict, target: str, nearest: bool) -> tuple[list, Plan, list[str]]:
+    """The option of ``options`` (name → (K label, V label)) that stores each layer exactly, or with
+    ``nearest`` the one with the fewest bytes among those with no fewer bits on K and on V."""
+    names, layers, moved = [], [], 0
+    offered = ", ".join(pair_name(*kv) for kv in options.values())
+    for i, layer in enumerate(plan.layers):
+        want = (label_of(layer.key), label_of(layer.value))
+        exact = [name for name, kv in options.items() if kv == want]
+        if exact:
+            names.append(exact[0])
+            layers.append(layer)
+            continue
+        if not nearest:
+            raise PlanError(f"{target} cannot express layer {i}: {layer.pair} is none of its per-layer settings "
+                            f"({offered}) (use --nearest to round up)")
+        fits = [(name, kv) for name, kv in options.items() if _bits(kv[0]) >= want_bits(layer)[0] and _bits(kv[1]) >= want_bits(layer)[1]]
+        if not fits:
+            raise PlanError(f"{target} has no setting with at least the bits of layer {i} ({layer.pair})")
+        cost = lambda kv: _layer_of(*kv, layer).cache_bytes(32768, plan.shape or ModelShape(len(plan), 1, 128))  # noqa: E731
+        name, kv = min(fits, key=lambda item: cost(item[1]))
+        names.append(name)
+        layers.append(_layer_of(*kv, layer))
+        moved += 1
+    notes = [f"rounded {moved} layer(s) up to the nearest {target} setting with no fewer bits"] if moved else []
+    return names, Plan(tuple(layers), name=plan.name, shape=plan.shape), notes
+
+
+def want_bits(layer: LayerPlan) -> tuple[int, int]:
+    return layer.key.bits, layer.value.bits
+
+
+def _llama_cpp_type(label: Label) -> Label | None:
+    """A kvtune label as a llama.cpp cache type label, if it is one exactly."""
+    return label if label in _LLAMA_CPP_TYPES else None
+
+
+def _lift_llama_cpp(labels: list[Label]) -> Label:
+    """The one llama.cpp type with no fewer bits than every label (their own type where they share one)."""
+    exact = {_llama_cpp_type(x) for x in labels}
+    if len(exact) == 1 and None not in exact:
+        return exact.pop()
+    need = max(_bits(x) for x in labels)
+    if need > 8:
+        return 16
+    if need > 4:
+        return "q8_0"
+    return "q4_1" if any(x in ("q4_1",) or isinstance(x, int) for x in labels) else "q4_0"
+
+
+def _stream_pattern(labels: list[Label]) -> tuple[Label, int, Label, int, Label] | None:
+    """(first type, N, base type, M, last type) with the fewest N + M that reproduces ``labels``."""
+    n = len(labels)
+    for total in range(n):
+        for first in range(total + 1):
+            last = total - first
+            middle = labels[first : n - last]
+            if not middle or len(set(middle)) != 1:
+                continue
+            head, tail = labels[:first], labels[n - last :]
+            if len(set(head)) <= 1 and len(set(tail)) <= 1:
+                return (head[0] if head else middle[0], first, middle[0], last, tail[0] if tail else middle[0])
+    return None
+
+
+def _llama_cpp_streams(plan: Plan, target: str, nearest: bool, ends: bool) -> tuple[dict, Plan, list[str]]:
+    """K and V types for llama.cpp (one each) or ik_llama.cpp (``ends``: also first/last N layers)."""
+    chosen, notes, new_labels = {}, [], {}
+    for which in ("k", "v"):
+        labels = [label_of(layer.key if which == "k" else layer.value) for layer in plan.layers]
+        pattern = _stream_pattern(labels) if ends else (_stream_pattern(labels) if len(set(labels)) == 1 else None)
+        ok = pattern is not None and all(_llama_cpp_type(x) is not None for x in (pattern[0], pattern[2], pattern[4]))
+        if not ok:
+            if not nearest:
+                first_bad = next((i for i, x in enumerate(labels) if _llama_cpp_type(x) is None), None)
+                if first_bad is not None:
+                    reason = f"{which.upper()} is {plan.layers[first_bad].pair.split('V')[0 if which == 'k' else 1].lstrip('K')}, not a {target} cache type ({sorted(map(str, _LLAMA_CPP_TYPES.values()))})"
+                    raise PlanError(f"{target} cannot express layer {first_bad}: {reason} (use --nearest to round up)")
+                i = next(i for i, x in enumerate(labels) if x != labels[0])
+                if ends:  # the first layer between the two end runs that differs from the middle's type
+                    head = i
+                    tail = next(j for j, x in enumerate(reversed(labels)) if x != labels[-1])
+                    middle = range(head, len(labels) - tail)
+                    i = next((j for j in middle if labels[j] != labels[head]), head)
+                shape = "one type for all layers" if not ends else "one type for all layers except the first and last N"
+                raise PlanError(f"{target} cannot express layer {i}: its {which.upper()} type differs and {target} takes {shape} "
+                                "(use --nearest to round up)")
+            if ends:  # keep the runs at both ends, lift the middle to one type
+                head = next((i for i, x in enumerate(labels) if x != labels[0]), len(labels))
+                tail = next((i for i, x in enumerate(reversed(labels)) if x != labels[-1]), len(labels))
+                if head + tail >= len(labels):
+                    head, tail = 0, 0
+                first_t, base_t, last_t = (_lift_llama_cpp(labels[:head]) if head else None,
+                                           _lift_llama_cpp(labels[head : len(labels) - tail]),
+                                           _lift_llama_cpp(labels[len(labels) - tail :]) if tail else None)
+                pattern = (first_t or base_t, head, base_t, tail, last_t or base_t)
+            else:
+                base_t = _lift_llama_cpp(labels)
+                pattern = (base_t, 0, base_t, 0, base_t)
+            notes.append(f"rounded {which.upper()} up to {target} types with no fewer bits")
+        first_t, n_first, base_t, n_last, last_t = pattern
+        chosen[which] = pattern
+        new_labels[which] = [first_t if i < n_first else last_t if i >= len(labels) - n_last else base_t for i in range(len(labels))]
+    layers = tuple(_layer_of(k, v, layer) for k, v, layer in zip(new_labels["k"], new_labels["v"], plan.layers))
+    return chosen, Plan(layers, name=plan.name, shape=plan.shape), notes
+
+
+def _ranges(values: list) -> list[tuple[int, int, object]]:
+    """[(first layer, last layer, value)] runs of equal values."""
+    runs = []
+    for i, value in enumerate(values):
+        if runs and runs[-1][2] == value:
+            runs[-1] = (runs[-1][0], i, value)
+        else:
+            runs.append((i, i, value))
+    return runs
+
+
+def _range_string(runs) -> str:
+    return ",".join(f"{a}-{b}:{v}" if a != b else f"{a}:{v}" for a, b, v in runs)
+
+
 def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, backend: str = "quanto") -> Exported:
     out = Path(out)
     if fmt not in FORMATS:
@@ -97,14 +240,63 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
         notes.append("QuantizedCache quantizes K and V per-channel with one group size: kvtune's per-token values are not expressible")
         rounded = Plan.uniform(f"k{bits}v{bits}", len(plan), group_size=first.key.group_size, residual=first.residual)
         payload = {"cache_implementation": "quantized", "cache_config": config}
+    elif fmt == "modelopt-hf":
+        names, rounded, notes = _per_layer(plan, _MODELOPT, "ModelOpt (vLLM)", nearest)
+        skipped = [i for i, name in enumerate(names) if name is None]
+        quantized = {f"model.layers.{i}.self_attn": {"quant_algo": name} for i, name in enumerate(names) if name is not None}
+        algos = set(names) - {None}
+        kv = {"kv_cache_quant_algo": algos.pop() if len(algos) == 1 and not skipped else "MIXED_PRECISION"}
+        if kv["kv_cache_quant_algo"] == "MIXED_PRECISION":
+            kv["kv_cache_quantized_layers"] = quantized
+        kv["kv_cache_schema_version"] = 1
+        payload = {"quantization": kv}
+        if skipped:
+            payload["vllm_args"] = ["--kv-cache-dtype-skip-layers", ",".join(map(str, skipped))]
+            notes.append(f"layers {skipped} stay unquantized: left out of the map; vLLM keeps them with --kv-cache-dtype-skip-layers")
+        notes.append("FP8 and NVFP4 per-tensor scales are the engine's own calibration; kvtune writes which format each layer uses")
+    elif fmt == "trtllm":
+        names, rounded, notes = _per_layer(plan, _TRTLLM, "TensorRT-LLM", nearest)
+        payload = {"kv_cache_config": {"dtype": _range_string(_ranges(names))}, "dtype_by_layer": dict(enumerate(names))}
+        notes.append("'auto' keeps a layer in the model's own dtype")
+    elif fmt == "sglang":
+        names, rounded, notes = _per_layer(plan, _SGLANG, "SGLang", nearest)
+        default = max(dict.fromkeys(names), key=names.count)  # most layers; the first such on a tie
+        overrides = [(a, b, v) for a, b, v in _ranges(names) if v != default]
+        payload = {"args": ["--kv-cache-dtype", default if default != "bf16" else "auto"],
+                   "kv_cache_dtype_layers": _range_string(overrides),
+                   "kv_cache_dtype_map": {i: name for i, name in enumerate(names) if name != default}}
     else:
-        k_bits, v_bits, notes = _uniform_widths(plan, tuple(_LLAMA_CPP), "llama.cpp", nearest, same_kv=False)
-        payload = {"cache_type_k": _LLAMA_CPP[k_bits], "cache_type_v": _LLAMA_CPP[v_bits],
-                   "args": ["--cache-type-k", _LLAMA_CPP[k_bits], "--cache-type-v", _LLAMA_CPP[v_bits]]}
-        rounded = Plan(tuple(LayerPlan(QuantSpec(k_bits), QuantSpec(v_bits), 0) for _ in plan.layers))
-        notes.append("llama.cpp stores q8_0/q4_1 in blocks of 32 along head_dim and keeps no full-precision window")
+        ends = fmt == "ik-llama.cpp"
+        target = "ik_llama.cpp" if ends else "llama.cpp"
+        int_free = plan
+        if not nearest:  # integer widths are not llama.cpp types; name the first such layer
+            for i, layer in enumerate(plan.layers):
+                for which, spec in (("K", layer.key), ("V", layer.value)):
+                    if _llama_cpp_type(label_of(spec)) is None:
+                        raise PlanError(f"{target} cannot express layer {i}: {which} is {spec.label.strip('[]')}-bit kvtune "
+                                        f"integers, not one of {target}'s types {sorted(map(str, _LLAMA_CPP_TYPES.values()))} "
+                                        "(use --nearest to round up)")
+        else:
+            int_free = Plan(tuple(_layer_of(_LLAMA_CPP_FROM_INT.get(label_of(l.key), label_of(l.key)) if isinstance(label_of(l.key), int) and label_of(l.key) in _LLAMA_CPP_FROM_INT else label_of(l.key),
+                                            _LLAMA_CPP_FROM_INT.get(label_of(l.value), label_of(l.value)) if isinstance(label_of(l.value), int) and label_of(l.value) in _LLAMA_CPP_FROM_INT else label_of(l.value), l)
+                                  for l in plan.layers), name=plan.name, shape=plan.shape)
+        streams, rounded, notes = _llama_cpp_streams(int_free, target, nearest, ends)
+        if int_free is not plan and int_free.pairs != plan.pairs:
+            notes.insert(0, f"rounded up to {target} types with no fewer bits")
+        name = lambda label: _LLAMA_CPP_TYPES[label]  # noqa: E731
+        args = ["--cache-type-k", name(streams["k"][2]), "--cache-type-v", name(streams["v"][2])]
+        payload = {"cache_type_k": name(streams["k"][2]), "cache_type_v": name(streams["v"][2])}
+        if ends:
+            for which, flag in (("k", "--cache-type-k"), ("v", "--cache-type-v")):
+                first_t, n_first, _, n_last, last_t = streams[which]
+                if n_first:
+                    args += [f"{flag}-first", f"{name(first_t)},{n_first}"]
+                if n_last:
+                    args += [f"{flag}-last", f"{name(last_t)},{n_last}"]
+        payload["args"] = args
+        notes.append(f"{target} stores q8_0/q4_0/q4_1 in blocks of 32 along head_dim and keeps no full-precision window")
     if notes and notes[0].startswith("rounded"):
-        notes.append(_memory_note(plan, rounded, plan.shape))
+        notes.insert(1, _memory_note(plan, rounded, plan.shape))
     payload["kvtune"] = {"source_plan": plan.name, "notes": notes}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")

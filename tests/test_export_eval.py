@@ -33,21 +33,23 @@ def test_uniform_plan_exports_to_transformers_and_llama_cpp(tmp_path):
     hf = json.loads(export_plan(plan, "hf-quantized-cache", tmp_path / "hf.json").path.read_text())
     assert hf["cache_implementation"] == "quantized"
     assert hf["cache_config"] == {"backend": "quanto", "nbits": 4, "axis_key": 0, "axis_value": 0, "q_group_size": 64, "residual_length": 128}
-    cpp = json.loads(export_plan(Plan.uniform("k8v4", 4), "llama.cpp", tmp_path / "cpp.json").path.read_text())
+    cpp = json.loads(export_plan(Plan.uniform("k[q8_0]v[q4_1]", 4), "llama.cpp", tmp_path / "cpp.json").path.read_text())
     assert cpp["args"] == ["--cache-type-k", "q8_0", "--cache-type-v", "q4_1"]
+    with pytest.raises(PlanError, match="layer 0: K is 8-bit kvtune integers"):  # kvtune's int8 is not q8_0
+        export_plan(Plan.uniform("k8v4", 4), "llama.cpp", tmp_path / "x.json")
 
 
 def test_mixed_plans_are_refused_or_rounded_up(tmp_path):
-    with pytest.raises(PlanError, match="cannot express layer 1: a different pair"):
+    with pytest.raises(PlanError, match="cannot express layer 0: K is 8-bit kvtune integers"):
         export_plan(_mixed(), "llama.cpp", tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
     with pytest.raises(PlanError, match="layer 0: a different pair|layer 0: K8 differs"):
         export_plan(_mixed(), "hf-quantized-cache", tmp_path / "x.json")
-    with pytest.raises(PlanError, match="V2 is not among llama.cpp's widths"):
+    with pytest.raises(PlanError, match="llama.cpp cannot express layer 0: K is 4-bit"):
         export_plan(Plan.uniform("k4v2", 4), "llama.cpp", tmp_path / "x.json")
     result = export_plan(_mixed(), "llama.cpp", tmp_path / "cpp.json", nearest=True)
     assert json.loads(result.path.read_text())["args"] == ["--cache-type-k", "q8_0", "--cache-type-v", "q4_1"]
-    assert any("rounded up to K8V4" in n for n in result.notes) and any("MiB" in n for n in result.notes)
+    assert any("rounded up" in n for n in result.notes) and any("MiB" in n for n in result.notes)
     hf = export_plan(_mixed(), "hf-quantized-cache", tmp_path / "hf.json", nearest=True, backend="hqq")
     assert json.loads(hf.path.read_text())["cache_config"]["nbits"] == 8
     with pytest.raises(PlanError, match="unknown export format"):
