@@ -8,7 +8,7 @@
    with `--format modelopt-hf`.
 2. Fronts measured on held-out text (32 windows × 512 tokens, as benchmarks/search_quality.py):
    the vLLM-format front (searches at 4.5, 5, 5.5 and 7 bits and the uniform vLLM plans) and the
-   integer front (searches at 2.5 … 8 bits and the uniform integer plans), as PPL against real
+   integer front (searches at 2.5, 3.25, 4 and 6 bits and uniform K8V4, K4V4, K4V2, K2V2), as PPL against real
    bytes at 32K, drawn on one set of axes.
 3. The recovery at 5 bits: (PPL of uniform NVFP4 − PPL of the chosen plan) / (PPL of uniform
    NVFP4 − PPL of uniform FP8-K/NVFP4-V); the target is at least 0.5.
@@ -35,9 +35,9 @@ from kvtune.search import SearchSettings, run_search
 PROFILE = "outputs/profile-all"
 WINDOWS, SEQ_LEN, SEED, CONTEXT = 32, 512, 0, 32768
 ENGINE_UNIFORM = ("k[nvfp4]v[nvfp4]", "k[fp8]v[nvfp4]", "k[fp8]v[fp8]")
-INT_UNIFORM = ("k8v8", "k8v4", "k4v4", "k4v2", "k2v2")
+INT_UNIFORM = ("k8v4", "k4v4", "k4v2", "k2v2")
 ENGINE_BUDGETS = (4.5, 5.0, 5.5, 7.0)
-INT_BUDGETS = (2.5, 3.0, 3.25, 4.0, 5.0, 6.0)
+INT_BUDGETS = (2.5, 3.25, 4.0, 6.0)
 
 
 def main() -> None:

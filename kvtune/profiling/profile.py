@@ -214,9 +214,10 @@ def _summary(table: pd.DataFrame, c: Candidates) -> dict:
         for target in ("dnll", "kl")
     }
     key_vs_value = {}
-    for b in sorted(set(c.key_bits) & set(c.value_bits)):
-        k = table[(table["k_bits"] == b)].groupby("layer")["attn_err_k"].first()
-        v = table[(table["v_bits"] == b)].groupby("layer")["attn_err_v"].first()
+    labels = table["pair"].map(parse_pair)
+    for b in sorted(set(c.key_bits) & set(c.value_bits), key=lambda x: (isinstance(x, str), str(x))):
+        k = table[labels.map(lambda kv: kv[0] == b)].groupby("layer")["attn_err_k"].first()
+        v = table[labels.map(lambda kv: kv[1] == b)].groupby("layer")["attn_err_v"].first()
         key_vs_value[str(b)] = {"mean_attn_err_key_only": float(k.mean()), "mean_attn_err_value_only": float(v.mean())}
     return {"estimator": ESTIMATOR, "spearman": correlations, "measured_points": int(len(measured)), "key_vs_value": key_vs_value}
 
