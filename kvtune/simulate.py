@@ -72,10 +72,21 @@ def simulated_attention(
     )
 
 
+def causal_softmax(scores: torch.Tensor, scaling: float, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """softmax(scores · scaling + mask) over keys, causal when no (additive) mask is given; in float32 at least."""
+    length = scores.shape[-2]
+    scores = scores * scaling
+    if attention_mask is None:
+        causal = torch.ones(length, length, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :length]
+    return torch.softmax(scores, dim=-1, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
+
+
 def two_view_attention(query, key, value, key_hat, value_hat, key_seen_hat, value_seen_hat, scaling, attention_mask=None):
     """Causal attention where query t reads position i from ``key_hat``/``value_hat`` where the
     (T, T) bool masks say so and from ``key``/``value`` elsewhere. GQA heads are repeated here."""
-    length = query.shape[-2]
     groups = query.shape[1] // key.shape[1]
 
     def rep(x):  # GQA: each KV head serves `groups` query heads
@@ -85,13 +96,7 @@ def two_view_attention(query, key, value, key_hat, value_hat, key_seen_hat, valu
     if key_seen_hat.any():
         scores_hat = torch.matmul(query, rep(key_hat).transpose(-1, -2))
         scores = torch.where(key_seen_hat, scores_hat, scores)
-    scores = scores * scaling
-    if attention_mask is None:
-        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    else:
-        scores = scores + attention_mask[..., :length]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    probs = causal_softmax(scores, scaling, attention_mask, query.dtype)
     if not value_seen_hat.any():
         return torch.matmul(probs, rep(value))
     from_hat = value_seen_hat.to(probs.dtype)

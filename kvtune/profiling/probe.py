@@ -17,7 +17,7 @@ import torch
 
 from kvtune.plan import Label, LayerPlan, spec_from_label
 from kvtune.quant import QuantSpec
-from kvtune.simulate import fake_quantize_prefix, seen_quantized
+from kvtune.simulate import causal_softmax, fake_quantize_prefix, seen_quantized
 
 PROBE_NAME = "kvtune_probe"
 FP = QuantSpec(16)
@@ -178,19 +178,12 @@ def perturbed_attention(query, key, value, views, scaling, attention_mask=None):
     perturbation read where that view's (T, T) masks say a query reads the quantized store:
     scores = q·k + Σ seen⊙(q·dk), out = P·v + Σ (P⊙seen)·dv. With zero perturbations this is exact
     attention whose gradient w.r.t. each dk/dv is the one of that view alone."""
-    length = query.shape[-2]
     groups = query.shape[1] // key.shape[1]
     rep = lambda x: x.repeat_interleave(groups, dim=1)  # noqa: E731
     scores = torch.matmul(query, rep(key).transpose(-1, -2))
     for dk, _, key_seen, _ in views:
         scores = scores + key_seen * torch.matmul(query, rep(dk).transpose(-1, -2))
-    scores = scores * scaling
-    if attention_mask is None:
-        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    else:
-        scores = scores + attention_mask[..., :length]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    probs = causal_softmax(scores, scaling, attention_mask, query.dtype)
     out = torch.matmul(probs, rep(value))
     for _, dv, _, value_seen in views:
         out = out + torch.matmul(probs * value_seen.to(probs.dtype), rep(dv))
