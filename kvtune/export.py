@@ -116,7 +116,7 @@ def _per_layer(plan: Plan, options: dict, target: str, nearest: bool) -> tuple[l
         if not nearest:
             raise PlanError(f"{target} cannot express layer {i}: {layer.pair} is none of its per-layer settings "
                             f"({offered}) (use --nearest to round up)")
-        fits = [(name, kv) for name, kv in options.items() if _bits(kv[0]) >= want_bits(layer)[0] and _bits(kv[1]) >= want_bits(layer)[1]]
+        fits = [(name, kv) for name, kv in options.items() if _bits(kv[0]) >= layer.key.bits and _bits(kv[1]) >= layer.value.bits]
         if not fits:
             raise PlanError(f"{target} has no setting with at least the bits of layer {i} ({layer.pair})")
         cost = lambda kv: _layer_of(*kv, layer).cache_bytes(32768, plan.shape or ModelShape(len(plan), 1, 128))  # noqa: E731
@@ -126,10 +126,6 @@ def _per_layer(plan: Plan, options: dict, target: str, nearest: bool) -> tuple[l
         moved += 1
     notes = [f"rounded {moved} layer(s) up to the nearest {target} setting with no fewer bits"] if moved else []
     return names, Plan(tuple(layers), name=plan.name, shape=plan.shape), notes
-
-
-def want_bits(layer: LayerPlan) -> tuple[int, int]:
-    return layer.key.bits, layer.value.bits
 
 
 def _llama_cpp_type(label: Label) -> Label | None:
@@ -276,10 +272,10 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
                         raise PlanError(f"{target} cannot express layer {i}: {which} is {spec.label.strip('[]')}-bit kvtune "
                                         f"integers, not one of {target}'s types {sorted(map(str, _LLAMA_CPP_TYPES.values()))} "
                                         "(use --nearest to round up)")
-        else:
-            int_free = Plan(tuple(_layer_of(_LLAMA_CPP_FROM_INT.get(label_of(l.key), label_of(l.key)) if isinstance(label_of(l.key), int) and label_of(l.key) in _LLAMA_CPP_FROM_INT else label_of(l.key),
-                                            _LLAMA_CPP_FROM_INT.get(label_of(l.value), label_of(l.value)) if isinstance(label_of(l.value), int) and label_of(l.value) in _LLAMA_CPP_FROM_INT else label_of(l.value), l)
-                                  for l in plan.layers), name=plan.name, shape=plan.shape)
+        else:  # kvtune integers become the llama.cpp type of their width first (2 bits is lifted later)
+            as_type = lambda spec: _LLAMA_CPP_FROM_INT.get(label_of(spec), label_of(spec)) if not spec.is_engine else spec.format  # noqa: E731
+            int_free = Plan(tuple(_layer_of(as_type(layer.key), as_type(layer.value), layer) for layer in plan.layers),
+                            name=plan.name, shape=plan.shape)
         streams, rounded, notes = _llama_cpp_streams(int_free, target, nearest, ends)
         if int_free is not plan and int_free.pairs != plan.pairs:
             notes.insert(0, f"rounded up to {target} types with no fewer bits")
