@@ -1,3 +1,5 @@
+import json
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -90,10 +92,11 @@ def test_eval_command_on_a_local_model(tmp_path, tiny_model_dir):
 
 def test_export_command(tmp_path):
     refused = runner.invoke(app, ["export", "--plan", "uniform:k4v2", "--format", "llama.cpp", "--out", str(tmp_path / "a.json")])
-    assert refused.exit_code == 2 and "V2 is not among llama.cpp's widths" in refused.output
+    assert refused.exit_code == 2 and "llama.cpp cannot express layer 0: K is 4-bit kvtune integers" in refused.output
     assert not (tmp_path / "a.json").exists()
     rounded = runner.invoke(app, ["export", "--plan", "uniform:k4v2", "--format", "llama.cpp", "--nearest", "--out", str(tmp_path / "a.json")])
-    assert rounded.exit_code == 0 and "rounded up to K4V4" in rounded.output
+    assert rounded.exit_code == 0 and "rounded up to llama.cpp types" in rounded.output
+    assert json.loads((tmp_path / "a.json").read_text())["args"] == ["--cache-type-k", "q4_1", "--cache-type-v", "q4_1"]
     unknown = runner.invoke(app, ["export", "--plan", "fp16", "--format", "vllm", "--out", str(tmp_path / "b.json")])
     assert unknown.exit_code == 2 and "unknown export format" in unknown.output
 
