@@ -36,11 +36,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    from kvtune.kernels.decode_attention import decode_attention
+    from kvtune.kernels.decode_attention import decode_attention, stream_tokens
 
     _, key_streams, value_streams = entry
-    tokens = sum(0 if part is None else (part.num_tokens if hasattr(part, "num_tokens") else part.shape[-2]) for part in key_streams)
-    out = decode_attention(query, key_streams, value_streams, scale=scaling, key_mask=_key_mask(attention_mask, tokens))
+    key_mask = _key_mask(attention_mask, stream_tokens(key_streams))
+    out = decode_attention(query, key_streams, value_streams, scale=scaling, key_mask=key_mask)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -282,6 +282,12 @@ def _stream_args(quantized: QuantizedTensor | None, tail: torch.Tensor | None, a
     )
 
 
+def stream_tokens(stream: tuple[QuantizedTensor | None, torch.Tensor | None]) -> int:
+    """Tokens held by a (quantized prefix, tail) stream."""
+    quantized, tail = stream
+    return (quantized.num_tokens if quantized is not None else 0) + (tail.shape[-2] if tail is not None else 0)
+
+
 def _whole_tokens(meta: dict, n_quant: int, n_total: int, head_dim: int, block_n: int) -> int:
     """Leading tokens the fast path may read in whole blocks (0 where its tiling does not apply)."""
     pow2 = lambda n: n & (n - 1) == 0  # noqa: E731
@@ -325,8 +331,7 @@ def decode_attention(
     """
     batch, q_heads, q_len, head_dim = query.shape
     (kq, kt), (vq, vt) = key, value
-    k_tokens = (kq.num_tokens if kq is not None else 0) + (kt.shape[-2] if kt is not None else 0)
-    v_tokens = (vq.num_tokens if vq is not None else 0) + (vt.shape[-2] if vt is not None else 0)
+    k_tokens, v_tokens = stream_tokens(key), stream_tokens(value)
     if k_tokens != v_tokens:
         raise ValueError(f"K holds {k_tokens} tokens but V holds {v_tokens}")
     if k_tokens < q_len:
