@@ -203,7 +203,7 @@ def search(
     generations: int = typer.Option(150, min=1),
     pop_size: int = typer.Option(100, min=4),
     verify: int = typer.Option(3, min=0, help="Best predicted plans to measure on verification text (0: pick by prediction)."),
-    verify_windows: int = typer.Option(4, min=1),
+    verify_windows: int = typer.Option(16, min=1, help="At most this many verification windows; the race stops once one plan is clearly best."),
     verify_uniform: bool = typer.Option(True, help="Also measure the uniform plans that fit the budget; the best measured plan wins."),
     formats: str = typer.Option("", help="Search only these profiled pairs: int, vllm, llama.cpp, engine, all, or a list (default: every profiled pair)."),
     seed: int = typer.Option(0),

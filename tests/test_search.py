@@ -138,13 +138,16 @@ def test_searched_plan_is_verified_and_runs_generate(tiny_model_dir, tmp_path):
     from tests.test_profile import _settings
 
     run_profile(_settings(tiny_model_dir), tmp_path / "p", progress=False)
-    settings = SearchSettings(profile=str(tmp_path / "p"), budget="5bits", groups=2, verify=2, verify_windows=1, verify_seq_len=64)
+    settings = SearchSettings(profile=str(tmp_path / "p"), budget="5bits", groups=2, verify=2, verify_windows=2, verify_seq_len=64)
     result = run_search(settings, tmp_path / "s", progress=False)
     verified = result.front.dropna(subset=["verified_nll"])
     assert len(verified) >= 2
     uniform = result.front[result.front["source"] == "uniform"]
     assert len(uniform) and uniform["verified_nll"].notna().all() and (uniform["nominal_bits"] <= 5).all()
-    assert result.front.loc[result.front["chosen"], "verified_nll"].item() == verified["verified_nll"].min()
+    assert (verified["verified_windows"] == 2).all()  # one round of two windows: nobody dropped early
+    chosen = result.front.loc[result.front["chosen"]].iloc[0]
+    assert chosen["verified_nll"] == verified["verified_nll"].min() and chosen["verified_gap"] == 0
+    assert (verified["verified_gap"] >= 0).all() and (verified["verified_gap_se"] >= 0).all()
     plan = Plan.load(tmp_path / "s" / "plan.json")
     model, tokenizer = load_model(tiny_model_dir)
     ids = tokenizer(["The river", "A long time ago in"], return_tensors="pt", padding=True, padding_side="left")

@@ -4,12 +4,12 @@
 2. Intra-layer pruning and inter-layer clustering (:mod:`kvtune.search.space`).
 3. NSGA-II over the clustered space (:mod:`kvtune.search.nsga`), checked against the exact
    optimum of the additive objective (:mod:`kvtune.search.exact`) at a grid of budgets.
-4. ``verify`` best predicted plans under the budget (and the exact optimum) are measured on
-   verification windows — text that neither calibration nor held-out evaluation uses — together
-   with the uniform plans that fit the budget, and the best measured one is the chosen plan. The
-   uniform plans join as rows of source ``uniform``: at high budgets the predicted impacts are
-   near zero and cannot rank plans, and a user should never be handed a mixed plan that measures
-   worse than the obvious uniform one.
+4. ``verify`` best predicted plans under the budget (and the exact optimum) race on verification
+   windows — text that neither calibration nor held-out evaluation uses — together with the
+   uniform plans that fit the budget (:mod:`kvtune.search.verify`), and the winner is the chosen
+   plan. The uniform plans join as rows of source ``uniform``: at high budgets the predicted
+   impacts are near zero and cannot rank plans, and a user should never be handed a mixed plan
+   that measures worse than the obvious uniform one.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from kvtune.search.budget import Budget, BudgetError, parse_budget
 from kvtune.search.exact import evaluate, exact_optimum
 from kvtune.search.nsga import nsga2_front
 from kvtune.search.space import SearchSpace, build_space, nondominated
+from kvtune.search.verify import RaceResult, paired_gap, race
 
 UNIFORM_REFERENCES = ("k8v8", "k8v4", "k4v8", "k4v4", "k4v2", "k2v4", "k2v2")
 FRONT_FILE, PLOT_FILE, PLAN_FILE, META_FILE = "front.csv", "front.png", "plan.json", "search.json"
@@ -49,7 +50,9 @@ class SearchSettings:
     verify: int = 3
     verify_uniform: bool = True  # measure the uniform plans within budget beside the front's best
     formats: str | None = None  # a set or list of pairs (kvtune.formats.resolve_formats); None: all profiled
-    verify_windows: int = 4
+    verify_windows: int = 16  # at most; the race stops early once one plan is clearly best
+    verify_round: int = 4  # windows per round of the race
+    verify_z: float = 2.0  # standard errors behind the leader at which a plan drops out
     verify_seq_len: int = 512
     model: str | None = None  # default: the profile's
     data: str | None = None  # default: the profile's
@@ -195,9 +198,15 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
                                 "pairs": ",".join(plan.pairs), "verified_nll": np.nan, "chosen": False})
                 to_verify.append(len(records) - 1)
         front = pd.DataFrame(records)
-        nll = _verify(profile, settings, [plans[i] for i in to_verify], progress)
-        front.loc[to_verify, "verified_nll"] = nll
-        chosen = to_verify[int(np.argmin(nll))]
+        result = _verify(profile, settings, [plans[i] for i in to_verify], progress)
+        front.loc[to_verify, "verified_nll"] = result.mean
+        front.loc[to_verify, "verified_windows"] = result.windows
+        winner_nll = result.nll[result.winner]
+        for row, nll in zip(to_verify, result.nll):
+            seen = np.isfinite(nll)
+            gap, se = paired_gap(nll[seen], winner_nll[seen])
+            front.loc[row, ["verified_gap", "verified_gap_se"]] = gap, se
+        chosen = to_verify[result.winner]
     else:
         front = pd.DataFrame(records)
         chosen = int(front["predicted_loss"].idxmin())
@@ -235,7 +244,9 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
     return SearchResult(front, plan, meta)
 
 
-def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progress: bool) -> list[float]:
+def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progress: bool) -> RaceResult:
+    import torch
+
     from kvtune.data import load_windows
     from kvtune.models import load_model
     from kvtune.perplexity import token_nll
@@ -244,7 +255,17 @@ def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progr
     model, tokenizer = load_model(settings.model or meta_settings["model"], settings.device)
     windows = load_windows(tokenizer, "verification", settings.verify_seq_len, settings.verify_windows, settings.seed,
                            settings.data or meta_settings["data"])
-    return [token_nll(model, windows, plan).mean().item() for plan in tqdm(plans, desc="search: verify", disable=not progress)]
+    # Rounds in random order: consecutive windows often come from one article.
+    windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(settings.seed))]
+    bar = tqdm(total=len(plans) * len(windows), desc="search: verify (plan x window)", disable=not progress, leave=False)
+
+    def measure(i: int, part: slice) -> list[float]:
+        return token_nll(model, windows[part], plans[i]).mean(dim=1).tolist()
+
+    result = race(measure, len(plans), len(windows), settings.verify_round, settings.verify_z,
+                  on_measure=bar.update)
+    bar.close()
+    return result
 
 
 def _write(out: Path, front, plan, meta, profile, references, budget, context) -> None:
