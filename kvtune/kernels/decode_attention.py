@@ -308,6 +308,29 @@ def _default_splits(batch_heads: int, tokens: int, block_n: int, device: torch.d
     return max(1, min(blocks, triton.cdiv(4 * sms, batch_heads)))
 
 
+def _block_m(group: int, q_len: int) -> int:
+    return max(16, triton.next_power_of_2(group * q_len))  # tl.dot needs 16 rows at least
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def split_kernel_constexprs(k_meta: dict, v_meta: dict, kv_heads: int, group: int, q_len: int, head_dim: int,
+                            dtype: torch.dtype, has_mask: bool, block_n: int, gather_codes: bool, gather_scales: bool) -> dict:
+    """The compile-time arguments of ``_decode_split_kernel`` for one launch (also used by
+    benchmarks/kernel_static.py, which compiles the kernel for a GPU it does not have)."""
+    return dict(
+        HKV=kv_heads, GROUP=group, LQ=q_len, D=head_dim,
+        K_BITS=k_meta["BITS"], K_PER_CHANNEL=k_meta["PER_CHANNEL"], KG=k_meta["G"],
+        V_BITS=v_meta["BITS"], V_PER_CHANNEL=v_meta["PER_CHANNEL"], VG=v_meta["G"],
+        HAS_MASK=has_mask, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        DEQUANT_DTYPE=tl.float16 if dtype == torch.float16 else tl.float32,
+        GATHER_CODES=gather_codes, GATHER_SCALES=gather_scales,
+        BLOCK_M=_block_m(group, q_len), BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
+    )
+
+
 def decode_attention(
     query: torch.Tensor,
     key: tuple[QuantizedTensor | None, torch.Tensor | None],
@@ -353,8 +376,7 @@ def decode_attention(
     num_stages = num_stages or 2
     n_whole = _whole_tokens(k_meta, k_quant, k_tokens, head_dim, block_n)
     n_whole = min(n_whole, _whole_tokens(v_meta, v_quant, k_tokens, head_dim, block_n))
-    block_m = max(16, triton.next_power_of_2(group * q_len))
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_d = _block_m(group, q_len), _block_d(head_dim)
     splits = num_splits or _default_splits(batch * kv_heads, k_tokens, block_n, query.device)
     per_split = triton.cdiv(triton.cdiv(k_tokens, splits), block_n) * block_n
     splits = triton.cdiv(k_tokens, per_split)
@@ -367,18 +389,14 @@ def decode_attention(
         key_mask = key_mask.to(device=query.device, dtype=torch.int8).contiguous()
         assert key_mask.shape == (batch, k_tokens), f"key_mask must be (batch, tokens) = {(batch, k_tokens)}"
     mask_arg = key_mask if key_mask is not None else query
+    constexprs = split_kernel_constexprs(k_meta, v_meta, kv_heads, group, q_len, head_dim, query.dtype,
+                                         key_mask is not None, block_n, gather_codes, gather_scales)
     _decode_split_kernel[(batch * kv_heads, splits)](
         query, acc, m, l, *k_ptrs, *v_ptrs, mask_arg,
         query.stride(0), query.stride(1), query.stride(2), *k_strides, *v_strides,
         key_mask.stride(0) if key_mask is not None else 0,
         k_quant, v_quant, k_tokens, n_whole, per_split, splits, scale * LOG2E,
-        HKV=kv_heads, GROUP=group, LQ=q_len, D=head_dim,
-        K_BITS=k_meta["BITS"], K_PER_CHANNEL=k_meta["PER_CHANNEL"], KG=k_meta["G"],
-        V_BITS=v_meta["BITS"], V_PER_CHANNEL=v_meta["PER_CHANNEL"], VG=v_meta["G"],
-        HAS_MASK=key_mask is not None, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        DEQUANT_DTYPE=tl.float16 if query.dtype == torch.float16 else tl.float32,
-        GATHER_CODES=gather_codes, GATHER_SCALES=gather_scales,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+        **constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(query)
     _combine_kernel[(batch * kv_heads, group * q_len)](
