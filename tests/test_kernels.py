@@ -142,3 +142,28 @@ def test_fused_decode_through_the_cache_equals_the_reference_path(monkeypatch):
     assert model.config._attn_implementation == "kvtune_fused"
     assert cache.layers[0]._k.num_quantized > 0 and cache.layers[1]._v.num_quantized > 0  # packed data was read
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_split_kernel_compiles_for_hopper_without_a_gpu():
+    """The interpreter does not compile: this catches code that only a real sm_90 build rejects.
+    In a child process, because this suite runs Triton in interpreter mode."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.kernel_static import NVDISASM
+
+    if not NVDISASM.exists():
+        pytest.skip("this Triton ships no nvdisasm")
+    script = (
+        "from benchmarks.kernel_static import compile_split_kernel, first_loop, opcode, sass\n"
+        "setting = dict(block_n=32, num_warps=4, num_stages=2, gather_codes=False, gather_scales=False)\n"
+        "loop = first_loop(sass(compile_split_kernel(4, 2, setting).asm['cubin']))\n"
+        "print(sum(opcode(i) == 'HMMA' for i in loop))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) > 0  # the tile products run on tensor cores
