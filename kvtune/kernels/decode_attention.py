@@ -376,7 +376,9 @@ def decode_attention(
     num_stages = num_stages or 2
     n_whole = _whole_tokens(k_meta, k_quant, k_tokens, head_dim, block_n)
     n_whole = min(n_whole, _whole_tokens(v_meta, v_quant, k_tokens, head_dim, block_n))
-    block_m, block_d = _block_m(group, q_len), _block_d(head_dim)
+    constexprs = split_kernel_constexprs(k_meta, v_meta, kv_heads, group, q_len, head_dim, query.dtype,
+                                         key_mask is not None, block_n, gather_codes, gather_scales)
+    block_m, block_d = constexprs["BLOCK_M"], constexprs["BLOCK_D"]
     splits = num_splits or _default_splits(batch * kv_heads, k_tokens, block_n, query.device)
     per_split = triton.cdiv(triton.cdiv(k_tokens, splits), block_n) * block_n
     splits = triton.cdiv(k_tokens, per_split)
@@ -389,8 +391,6 @@ def decode_attention(
         key_mask = key_mask.to(device=query.device, dtype=torch.int8).contiguous()
         assert key_mask.shape == (batch, k_tokens), f"key_mask must be (batch, tokens) = {(batch, k_tokens)}"
     mask_arg = key_mask if key_mask is not None else query
-    constexprs = split_kernel_constexprs(k_meta, v_meta, kv_heads, group, q_len, head_dim, query.dtype,
-                                         key_mask is not None, block_n, gather_codes, gather_scales)
     _decode_split_kernel[(batch * kv_heads, splits)](
         query, acc, m, l, *k_ptrs, *v_ptrs, mask_arg,
         query.stride(0), query.stride(1), query.stride(2), *k_strides, *v_strides,
