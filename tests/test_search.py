@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kvtune.errors import ProfileError
+from kvtune.errors import DataError, ProfileError
 from kvtune.plan import Plan
 from kvtune.profiling.artifact import SCHEMA, SCHEMA_VERSION, Profile
 from kvtune.search import BudgetError, SearchSettings, parse_budget, run_search
@@ -148,6 +148,10 @@ def test_searched_plan_is_verified_and_runs_generate(tiny_model_dir, tmp_path):
     chosen = result.front.loc[result.front["chosen"]].iloc[0]
     assert chosen["verified_nll"] == verified["verified_nll"].min() and chosen["verified_gap"] == 0
     assert (verified["verified_gap"] >= 0).all() and (verified["verified_gap_se"] >= 0).all()
+    too_many = SearchSettings(profile=str(tmp_path / "p"), budget="5bits", groups=2, verify_windows=10**6, verify_seq_len=64)
+    with pytest.raises(DataError, match="--verify-windows"):
+        run_search(too_many, tmp_path / "s2", progress=False)
+    assert not (tmp_path / "s2").exists()  # nothing written
     plan = Plan.load(tmp_path / "s" / "plan.json")
     model, tokenizer = load_model(tiny_model_dir)
     ids = tokenizer(["The river", "A long time ago in"], return_tensors="pt", padding=True, padding_side="left")

@@ -248,13 +248,17 @@ def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progr
     import torch
 
     from kvtune.data import load_windows
+    from kvtune.errors import DataError
     from kvtune.models import load_model
     from kvtune.perplexity import token_nll
 
     meta_settings = profile.meta["settings"]
     model, tokenizer = load_model(settings.model or meta_settings["model"], settings.device)
-    windows = load_windows(tokenizer, "verification", settings.verify_seq_len, settings.verify_windows, settings.seed,
-                           settings.data or meta_settings["data"])
+    try:
+        windows = load_windows(tokenizer, "verification", settings.verify_seq_len, settings.verify_windows, settings.seed,
+                               settings.data or meta_settings["data"])
+    except DataError as e:  # the data cannot know which option asked for the windows
+        raise DataError(f"verification: {e}; lower --verify-windows") from None
     # Rounds in random order: consecutive windows often come from one article.
     windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(settings.seed))]
     bar = tqdm(total=len(plans) * len(windows), desc="search: verify (plan x window)", disable=not progress, leave=False)
