@@ -5,15 +5,20 @@
 Triton compiles for a target it is given (here sm_90, the H100/H200) with the ptxas and nvdisasm it
 ships, so this runs on any machine. For each launch variant of benchmarks/decode_sweep.py and each
 bit pair (Llama-3-8B layer shape, as benchmarks/decode_attention.py) it reports the main loop's
-instructions per thread, the warp-instructions the whole program issues per cached token, and how
-many of the loop's instructions are register spills (local-memory loads and stores). These are
-static counts, not times: they say where time may go, a GPU run says whether it does. The code
-Triton emits changes between versions, so the file names the Triton that compiled it.
+instructions per thread, the warp-instructions the whole program issues per cached token, how
+many of those go to the slow pipes (conversions, exp2), and how many of the loop's instructions
+are register spills (local-memory loads and stores). The kernel gets the arguments
+``decode_attention`` would pass at 32K tokens, batch 1, and Triton's own binder decides what to
+specialise (integers divisible by 16, aligned pointers): without that, loads are not vectorised
+and the counts describe a kernel no launch runs. These are static counts, not times: they say
+where time may go, a GPU run says whether it does. The code Triton emits changes between versions,
+so the file names the Triton that compiled it.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 import re
@@ -24,28 +29,43 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from benchmarks.decode_attention import GROUP_SIZE, HEAD_DIM, KV_HEADS, Q_HEADS
+from benchmarks.decode_attention import HEAD_DIM, KV_HEADS, Q_HEADS, stream
 from benchmarks.decode_sweep import SETTINGS
-from kvtune.kernels.decode_attention import _decode_split_kernel, split_kernel_constexprs
+from kvtune.kernels.decode_attention import _decode_split_kernel, plan_split_launch
 
 PAIRS = ((16, 16), (8, 8), (4, 4), (2, 2))
+CONTEXT, BATCH, H100_SMS = 32768, 1, 132
 NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-POINTERS = {"q_ptr": "*fp16", "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "mask_ptr": "*i8",
-            "kp_ptr": "*u8", "vp_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "kt_ptr": "*fp16",
-            "vs_ptr": "*fp16", "vz_ptr": "*fp16", "vt_ptr": "*fp16", "qk_scale": "fp32"}
+
+
+@functools.lru_cache(maxsize=None)
+def _streams(k_bits: int, v_bits: int):
+    """Query and (prefix, tail) streams shaped as benchmarks/decode_attention.py builds them, on the CPU:
+    their strides and counts decide which arguments Triton may assume divisible by 16."""
+    gen = torch.Generator().manual_seed(0)
+    x = lambda: torch.randn(BATCH, KV_HEADS, CONTEXT, HEAD_DIM, generator=gen).half()  # noqa: E731
+    q = torch.randn(BATCH, Q_HEADS, 1, HEAD_DIM, generator=gen).half()
+    return q, stream(x(), k_bits, "per-channel"), stream(x(), v_bits, "per-token")
 
 
 def compile_split_kernel(k_bits: int, v_bits: int, setting: dict, arch: int = 90):
-    meta = lambda bits, per_channel: dict(BITS=bits, PER_CHANNEL=per_channel and bits < 16, G=GROUP_SIZE if bits < 16 else 1)  # noqa: E731
-    constexprs = split_kernel_constexprs(meta(k_bits, True), meta(v_bits, False), KV_HEADS, Q_HEADS // KV_HEADS, 1, HEAD_DIM,
-                                         torch.float16, False, setting["block_n"], setting["gather_codes"], setting["gather_scales"])
-    names = _decode_split_kernel.arg_names
-    signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, "i32") for n in names}
-    source = ASTSource(_decode_split_kernel, signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    options = {"num_warps": setting["num_warps"], "num_stages": setting["num_stages"]}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    """The split kernel as ``decode_attention`` would launch it on an H100 at 32K tokens, batch 1,
+    compiled for sm_``arch``: Triton's own argument binder decides the specialisation."""
+    q, key, value = _streams(k_bits, v_bits)
+    splits = max(1, min(triton.cdiv(CONTEXT, setting["block_n"]), triton.cdiv(4 * H100_SMS, BATCH * KV_HEADS)))
+    launch = plan_split_launch(q, key, value, num_splits=splits, **setting)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kernel = _decode_split_kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**launch.constexprs, **launch.options}
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    source = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=target, options=options.__dict__)
 
 
 def sass(cubin: bytes) -> list[tuple[str | None, str]]:
@@ -92,6 +112,8 @@ def main() -> None:
             warp_instructions_per_token=round(len(loop) * setting["num_warps"] / setting["block_n"], 2),
             spill_instructions=ops["LDL"] + ops["STL"], global_loads=ops["LDG"], mma=ops["HMMA"],
             int_to_float=ops["I2F"] + ops["I2FP"],
+            # Conversions and MUFU (exp2) run on pipes of 16 lanes per clock per SM, an eighth of FMA's 128.
+            slow_pipe_per_token=round(sum(ops[o] for o in ("I2F", "I2FP", "F2F", "F2I", "MUFU")) * setting["num_warps"] / setting["block_n"], 2),
         )), flush=True)
 
 

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kvtune.cache import load_cache
-from kvtune.kernels.decode_attention import decode_attention, decode_attention_reference
+from kvtune.kernels.decode_attention import _codes_as, decode_attention, decode_attention_reference
 from kvtune.kernels.quantize import quantize_pack, supports
 from kvtune.plan import LayerPlan, Plan
 from kvtune.quant import QuantSpec, quantize
@@ -107,6 +109,21 @@ def test_decode_attention_in_half_precision_is_within_fp16_tolerance():
     torch.testing.assert_close(ours, decode_attention_reference(q, key, value), atol=2e-3, rtol=2e-3)
 
 
+@triton.jit
+def _convert_codes(codes_ptr, out_ptr, DTYPE: tl.constexpr):
+    offs = tl.arange(0, 256)
+    tl.store(out_ptr + offs, _codes_as(tl.load(codes_ptr + offs), DTYPE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_codes_become_floats_exactly(dtype):
+    """The magic-number conversion gives every 8-bit code exactly, as a plain cast does."""
+    codes = torch.arange(256, dtype=torch.int32, device=DEVICE)
+    out = torch.empty(256, dtype=dtype, device=DEVICE)
+    _convert_codes[(1,)](codes, out, DTYPE={torch.float16: tl.float16, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}[dtype])
+    assert torch.equal(out, codes.to(dtype))
+
+
 def test_decode_attention_refuses_mismatched_streams():
     q = torch.randn(1, 2, 1, 32)
     with pytest.raises(ValueError, match="K holds 10 tokens but V holds 9"):
@@ -160,10 +177,12 @@ def test_split_kernel_compiles_for_hopper_without_a_gpu():
         "from benchmarks.kernel_static import compile_split_kernel, first_loop, opcode, sass\n"
         "setting = dict(block_n=32, num_warps=4, num_stages=2, gather_codes=False, gather_scales=False)\n"
         "loop = first_loop(sass(compile_split_kernel(4, 2, setting).asm['cubin']))\n"
-        "print(sum(opcode(i) == 'HMMA' for i in loop))\n"
+        "print(sum(opcode(i) == 'HMMA' for i in loop), sum(opcode(i) in ('I2F', 'I2FP') for i in loop))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           cwd=Path(__file__).parents[1], timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout.split()[-1]) > 0  # the tile products run on tensor cores
+    mma, int_to_float = map(int, done.stdout.split()[-2:])
+    assert mma > 0  # the tile products run on tensor cores
+    assert int_to_float == 0  # codes become floats by integer ops (_codes_as), not the slower conversion pipe

@@ -24,6 +24,7 @@ the step); an optional boolean key mask (batch, T) drops padding.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -93,6 +94,18 @@ def _load_codes(packed_ptr, rows, stride_pt, D: tl.constexpr, BITS: tl.constexpr
 
 
 @triton.jit
+def _codes_as(codes, DTYPE: tl.constexpr):
+    """int32 codes (< 256) as ``DTYPE``, exactly. For fp16 and fp32 by the magic-number trick: OR the
+    code into the mantissa of 1024 (2^23 for fp32) and subtract it again, which is integer and
+    add work the full-rate pipes do, instead of int-to-float conversions, a slower pipe on GPUs."""
+    if DTYPE == tl.float16:
+        x = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    else:  # fp32, and bf16 through fp32 (its 8-bit significand holds every code)
+        x = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(DTYPE)
+    return x
+
+
+@triton.jit
 def _whole_block(
     packed_ptr, scale_ptr, zero_ptr, tail_ptr, stride_pt, stride_st, stride_tt, n0,
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -106,7 +119,7 @@ def _whole_block(
     if BITS == 16:
         x = tl.load(tail_ptr + rows[:, None] * stride_tt + offs_d[None, :]).to(DTYPE)
     else:
-        codes = _load_codes(packed_ptr, rows, stride_pt, D, BITS, GATHER_CODES).to(DTYPE)
+        codes = _codes_as(_load_codes(packed_ptr, rows, stride_pt, D, BITS, GATHER_CODES), DTYPE)
         if PER_CHANNEL:
             if G % BLOCK_N == 0:  # the block sits inside one group: one scale row for all its tokens
                 q = (n0 // G) * stride_st + offs_d
@@ -136,7 +149,7 @@ def _folded_key_scores(q, packed_ptr, scale_ptr, zero_ptr, stride_pt, stride_st,
     """q·k for a block of per-channel keys inside one group, without dequantizing K:
     q·(c⊙s + z) = (q⊙s)·c + q·z, so the codes go to the dot as they are."""
     rows = tl.arange(0, BLOCK_N).to(tl.int64) + n0
-    codes = _load_codes(packed_ptr, rows, stride_pt, D, BITS, GATHER_CODES).to(q.dtype)
+    codes = _codes_as(_load_codes(packed_ptr, rows, stride_pt, D, BITS, GATHER_CODES), q.dtype)
     offs_q = (n0 // G) * stride_st + tl.arange(0, D)
     qf = q.to(tl.float32)
     scaled_q = (qf * tl.load(scale_ptr + offs_q).to(tl.float32)[None, :]).to(q.dtype)
@@ -331,7 +344,20 @@ def split_kernel_constexprs(k_meta: dict, v_meta: dict, kv_heads: int, group: in
     )
 
 
-def decode_attention(
+@dataclass
+class SplitLaunch:
+    """One launch of ``_decode_split_kernel``: what ``decode_attention`` runs, and what
+    benchmarks/kernel_static.py compiles for a GPU it does not have (same arguments, so the same
+    specialisation: which integers Triton may assume divisible by 16)."""
+
+    grid: tuple[int, int]
+    args: tuple
+    constexprs: dict
+    options: dict
+    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # acc, m, l: the combine kernel's input
+
+
+def plan_split_launch(
     query: torch.Tensor,
     key: tuple[QuantizedTensor | None, torch.Tensor | None],
     value: tuple[QuantizedTensor | None, torch.Tensor | None],
@@ -343,15 +369,8 @@ def decode_attention(
     num_stages: int | None = None,
     gather_codes: bool = False,
     gather_scales: bool = True,
-) -> torch.Tensor:
-    """Attention of ``query`` (B, Hq, Lq, D) over a cache stream pair, as the cache stores them.
-
-    ``key`` and ``value`` are each ``(quantized prefix or None, full-precision tail or None)``
-    with tokens on dim -2, shapes (B, Hkv, ·, ·); prefix + tail lengths must agree between K and V.
-    ``key_mask`` (B, T), true where a key may be attended, drops padding. Returns (B, Hq, Lq, D)
-    in the query's dtype. ``block_n``, ``num_warps``, ``num_stages``, ``gather_codes`` and
-    ``gather_scales`` are launch variants (same result) compared by benchmarks/decode_sweep.py.
-    """
+) -> SplitLaunch:
+    """Check the inputs of :func:`decode_attention` and lay out its first kernel's launch."""
     batch, q_heads, q_len, head_dim = query.shape
     (kq, kt), (vq, vt) = key, value
     k_tokens, v_tokens = stream_tokens(key), stream_tokens(value)
@@ -391,18 +410,48 @@ def decode_attention(
         key_mask = key_mask.to(device=query.device, dtype=torch.int8).contiguous()
         assert key_mask.shape == (batch, k_tokens), f"key_mask must be (batch, tokens) = {(batch, k_tokens)}"
     mask_arg = key_mask if key_mask is not None else query
-    _decode_split_kernel[(batch * kv_heads, splits)](
+    args = (
         query, acc, m, l, *k_ptrs, *v_ptrs, mask_arg,
         query.stride(0), query.stride(1), query.stride(2), *k_strides, *v_strides,
         key_mask.stride(0) if key_mask is not None else 0,
         k_quant, v_quant, k_tokens, n_whole, per_split, splits, scale * LOG2E,
-        **constexprs, num_warps=num_warps, num_stages=num_stages,
     )
+    return SplitLaunch((batch * kv_heads, splits), args, constexprs, dict(num_warps=num_warps, num_stages=num_stages),
+                       (acc, m, l))
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: tuple[QuantizedTensor | None, torch.Tensor | None],
+    value: tuple[QuantizedTensor | None, torch.Tensor | None],
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    gather_codes: bool = False,
+    gather_scales: bool = True,
+) -> torch.Tensor:
+    """Attention of ``query`` (B, Hq, Lq, D) over a cache stream pair, as the cache stores them.
+
+    ``key`` and ``value`` are each ``(quantized prefix or None, full-precision tail or None)``
+    with tokens on dim -2, shapes (B, Hkv, ·, ·); prefix + tail lengths must agree between K and V.
+    ``key_mask`` (B, T), true where a key may be attended, drops padding. Returns (B, Hq, Lq, D)
+    in the query's dtype. ``block_n``, ``num_warps``, ``num_stages``, ``gather_codes`` and
+    ``gather_scales`` are launch variants (same result) compared by benchmarks/decode_sweep.py.
+    """
+    launch = plan_split_launch(query, key, value, scale, key_mask, num_splits, block_n, num_warps, num_stages,
+                               gather_codes, gather_scales)
+    _decode_split_kernel[launch.grid](*launch.args, **launch.constexprs, **launch.options)
+    acc, m, l = launch.partials
+    kv_heads, splits = launch.grid[0] // query.shape[0], launch.grid[1]
+    c = launch.constexprs
     out = torch.empty_like(query)
-    _combine_kernel[(batch * kv_heads, group * q_len)](
+    _combine_kernel[(launch.grid[0], c["GROUP"] * c["LQ"])](
         acc, m, l, out, out.stride(0), out.stride(1), out.stride(2), splits,
-        HKV=kv_heads, GROUP=group, LQ=q_len, D=head_dim,
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        HKV=kv_heads, GROUP=c["GROUP"], LQ=c["LQ"], D=c["D"],
+        BLOCK_M=c["BLOCK_M"], BLOCK_D=c["BLOCK_D"], BLOCK_S=max(2, triton.next_power_of_2(splits)),
     )
     return out
 
