@@ -331,8 +331,7 @@ def _block_d(head_dim: int) -> int:
 
 def split_kernel_constexprs(k_meta: dict, v_meta: dict, kv_heads: int, group: int, q_len: int, head_dim: int,
                             dtype: torch.dtype, has_mask: bool, block_n: int, gather_codes: bool, gather_scales: bool) -> dict:
-    """The compile-time arguments of ``_decode_split_kernel`` for one launch (also used by
-    benchmarks/kernel_static.py, which compiles the kernel for a GPU it does not have)."""
+    """The compile-time arguments of ``_decode_split_kernel`` for one launch."""
     return dict(
         HKV=kv_heads, GROUP=group, LQ=q_len, D=head_dim,
         K_BITS=k_meta["BITS"], K_PER_CHANNEL=k_meta["PER_CHANNEL"], KG=k_meta["G"],
@@ -445,12 +444,11 @@ def decode_attention(
                                gather_codes, gather_scales)
     _decode_split_kernel[launch.grid](*launch.args, **launch.constexprs, **launch.options)
     acc, m, l = launch.partials
-    kv_heads, splits = launch.grid[0] // query.shape[0], launch.grid[1]
-    c = launch.constexprs
+    splits, c = launch.grid[1], launch.constexprs
     out = torch.empty_like(query)
     _combine_kernel[(launch.grid[0], c["GROUP"] * c["LQ"])](
         acc, m, l, out, out.stride(0), out.stride(1), out.stride(2), splits,
-        HKV=kv_heads, GROUP=c["GROUP"], LQ=c["LQ"], D=c["D"],
+        HKV=c["HKV"], GROUP=c["GROUP"], LQ=c["LQ"], D=c["D"],
         BLOCK_M=c["BLOCK_M"], BLOCK_D=c["BLOCK_D"], BLOCK_S=max(2, triton.next_power_of_2(splits)),
     )
     return out
