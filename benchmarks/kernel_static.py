@@ -6,8 +6,9 @@ Triton compiles for a target it is given (here sm_90, the H100/H200) with the pt
 ships, so this runs on any machine. For each launch variant of benchmarks/decode_sweep.py and each
 bit pair (Llama-3-8B layer shape, as benchmarks/decode_attention.py) it reports the main loop's
 instructions per thread, the warp-instructions the whole program issues per cached token, how
-many of those go to the slow pipes (conversions, exp2), and how many of the loop's instructions
-are register spills (local-memory loads and stores). The kernel gets the arguments
+many of those go to the slow pipes (conversions, exp2), how many of the loop's instructions
+are register spills (local-memory loads and stores), and the registers and shared memory a
+program takes, with the warps an SM can then hold at once. The kernel gets the arguments
 ``decode_attention`` would pass at 32K tokens, batch 1, and Triton's own binder decides what to
 specialise (integers divisible by 16, aligned pointers): without that, loads are not vectorised
 and the counts describe a kernel no launch runs. These are static counts, not times: they say
@@ -94,6 +95,24 @@ def first_loop(instructions: list[tuple[str | None, str]]) -> list[str]:
     raise RuntimeError("no loop found in the kernel's SASS")
 
 
+def registers(cubin: bytes) -> int:
+    """Registers per thread, as ptxas allocated them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(NVDISASM.parent / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", text).group(1))
+
+
+def resident_warps(regs: int, shared: int, num_warps: int) -> int:
+    """Warps an H100 SM holds at once for this kernel: registers (64K per SM, allocated per warp
+    in units of 256), shared memory (228 KiB per SM, 1 KiB reserved per program), at most 32
+    programs and 64 warps. Few warps leave memory latency unhidden in a loop that waits on loads."""
+    per_warp = -(-regs * 32 // 256) * 256
+    programs = min(65536 // per_warp // num_warps, 228 * 1024 // (shared + 1024), 32, 64 // num_warps)
+    return programs * num_warps
+
+
 def opcode(instruction: str) -> str:
     words = instruction.split()
     return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
@@ -104,7 +123,9 @@ def main() -> None:
         setting = dict(zip(SETTINGS, values))
         if k_bits == 16 and (setting["gather_codes"] or not setting["gather_scales"]):
             continue  # the variants only differ in how packed codes and scales are read
-        loop = first_loop(sass(compile_split_kernel(k_bits, v_bits, setting).asm["cubin"]))
+        kernel = compile_split_kernel(k_bits, v_bits, setting)
+        loop = first_loop(sass(kernel.asm["cubin"]))
+        regs, shared = registers(kernel.asm["cubin"]), kernel.metadata.shared
         ops = collections.Counter(opcode(i) for i in loop)
         print(json.dumps(dict(
             arch="sm_90", triton=triton.__version__, pair=f"k{k_bits}v{v_bits}", **setting,
@@ -114,6 +135,7 @@ def main() -> None:
             int_to_float=ops["I2F"] + ops["I2FP"],
             # Conversions and MUFU (exp2) run on pipes of 16 lanes per clock per SM, an eighth of FMA's 128.
             slow_pipe_per_token=round(sum(ops[o] for o in ("I2F", "I2FP", "F2F", "F2I", "MUFU")) * setting["num_warps"] / setting["block_n"], 2),
+            registers=regs, shared_bytes=shared, resident_warps_per_sm=resident_warps(regs, shared, setting["num_warps"]),
         )), flush=True)
 
 

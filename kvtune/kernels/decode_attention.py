@@ -232,8 +232,10 @@ def _decode_split_kernel(
             visible = visible & (tl.load(mask_ptr + b * stride_mb + offs_n)[None, :] != 0)
         m_i, l_i, acc = _online_softmax_step(scores, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
-    # The rest: where the prefixes end, the residual tails, a ragged last block.
-    for n0 in range(tl.maximum(start, whole_end), end, BLOCK_N):
+    # The rest: where the prefixes end, the residual tails, a ragged last block. A few blocks at
+    # most, so not pipelined: its staging buffers would cost every program ~40 KB of shared
+    # memory and with it resident programs per SM (benchmarks/kernel_static.py).
+    for n0 in tl.range(tl.maximum(start, whole_end), end, BLOCK_N, num_stages=1):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_tile(kp, ks, kz, kt, stride_kpt, stride_kst, stride_ktt, offs_n, offs_d, n_quant_k, n_total,
                        K_BITS, K_PER_CHANNEL, KG, D)
