@@ -1,0 +1,65 @@
+"""Settle the close rows of benchmarks/search_quality.py on more held-out text.
+
+    .venv/bin/python benchmarks/search_ties.py            # after search_quality.py; ~45 min on 2 CPU cores
+
+search_quality.py compares, at each uniform plan's memory, the front's plan with the uniform plan
+on 32 held-out windows. Where the front's plan measured higher there, the gap was within about two
+standard errors. This measures those pairs again, paired, on 256 held-out windows (a separate
+draw of the same held-out split: text neither calibration nor verification saw), so that the
+standard error shrinks about threefold and a gap either shows or stays within noise.
+Writes benchmarks/results/search_ties.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from kvtune.data import load_windows
+from kvtune.models import load_model
+from kvtune.perplexity import token_nll
+from kvtune.plan import LayerPlan, Plan
+from kvtune.search.verify import paired_gap
+
+WINDOWS, SEQ_LEN, SEED = 256, 512, 1
+RESULTS = Path(__file__).parent / "results"
+
+
+def close_rows(table: pd.DataFrame) -> list[tuple[str, str]]:
+    """(uniform pair, the front plan's pairs) where the front plan measured higher PPL."""
+    rows = table.set_index("plan")
+    out = []
+    for name in rows.index:
+        if not name.startswith("uniform:"):
+            continue
+        pair = name.split(":")[1]
+        front = rows.loc[f"front at {pair.upper()} memory"]
+        if front["ppl"] > rows.loc[name, "ppl"]:
+            out.append((pair, front["pairs"]))
+    return out
+
+
+def main() -> None:
+    table = pd.read_csv(RESULTS / "search_quality.csv")
+    model, tokenizer = load_model()
+    layers = model.config.num_hidden_layers
+    windows = load_windows(tokenizer, "heldout", SEQ_LEN, WINDOWS, SEED)
+    results = []
+    for pair, pairs in close_rows(table):
+        uniform = Plan.uniform(pair, layers)
+        front = Plan(tuple(LayerPlan.from_pair(p) for p in pairs.split(",")))  # the defaults, as the profile's
+        nll = {name: token_nll(model, windows, plan).mean(dim=1).numpy() for name, plan in (("uniform", uniform), ("front", front))}
+        gap, se = paired_gap(nll["front"], nll["uniform"])
+        results.append({"uniform": pair, "front_nominal_bits": front.nominal_bits(), "front_pairs": pairs,
+                        "ppl_uniform": math.exp(nll["uniform"].mean()), "ppl_front": math.exp(nll["front"].mean()),
+                        "nll_gap": gap, "nll_gap_se": se, "gap_in_se": gap / se if se else None})
+        print(json.dumps(results[-1]), flush=True)
+    summary = {"heldout": f"{WINDOWS} windows x {SEQ_LEN} tokens, seed {SEED}", "rows": results}
+    (RESULTS / "search_ties.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
