@@ -69,12 +69,17 @@ def compile_split_kernel(k_bits: int, v_bits: int, setting: dict, arch: int = 90
     return triton.compile(source, target=target, options=options.__dict__)
 
 
-def sass(cubin: bytes) -> list[tuple[str | None, str]]:
-    """(label or None, instruction) in program order."""
+def _cubin_tool(tool: str, flag: str, cubin: bytes) -> str:
+    """The text output of one of the CUDA binary tools Triton ships, run on ``cubin``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(NVDISASM), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(NVDISASM.parent / tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass(cubin: bytes) -> list[tuple[str | None, str]]:
+    """(label or None, instruction) in program order."""
+    text = _cubin_tool("nvdisasm", "-c", cubin)
     out, label = [], None
     for line in text.splitlines():
         if m := re.match(r"^\s*(\.L_x_\d+):", line):
@@ -97,11 +102,7 @@ def first_loop(instructions: list[tuple[str | None, str]]) -> list[str]:
 
 def registers(cubin: bytes) -> int:
     """Registers per thread, as ptxas allocated them."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([str(NVDISASM.parent / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"REG:(\d+)", text).group(1))
+    return int(re.search(r"REG:(\d+)", _cubin_tool("cuobjdump", "-res-usage", cubin)).group(1))
 
 
 def resident_warps(regs: int, shared: int, num_warps: int) -> int:
