@@ -20,8 +20,9 @@ from triton.testing import do_bench
 from benchmarks.decode_attention import HEAD_DIM, KV_HEADS, Q_HEADS, stream
 from kvtune.kernels.decode_attention import decode_attention
 
-# Deeper pipelines and larger blocks keep more bytes in flight per SM, which the static counts
-# (benchmarks/kernel_static.py) point to; gathering codes was slower in every case of the first sweep.
+# The packed loop waits more than it works (docs/kernels.md): deeper pipelines and larger blocks put
+# more bytes in flight per program but fit fewer programs per SM (benchmarks/kernel_static.py), and
+# only timing says which wins. Gathering codes was slower in every case of the first sweep.
 SETTINGS = dict(block_n=(32, 64, 128), num_warps=(2, 4), num_stages=(2, 3, 4), gather_codes=(False,), gather_scales=(False, True))
 
 
