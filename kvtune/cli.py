@@ -234,6 +234,10 @@ def _report_search(result, out: Path) -> None:
     md = plan.metadata
     typer.echo(f"chosen: {md['nominal_bits']:.3f} nominal bits, {md['cache_bytes'] / 2**20:.1f} MiB at {md['context']} tokens "
                f"({md['effective_bits']:.2f} effective bits), pairs {sorted(set(plan.pairs))}")
+    for tie in meta.get("uniform_ties", []):
+        typer.echo(f"note: uniform {tie['pair']} ({tie['nominal_bits']:g} bits) measured level with the chosen plan on "
+                   f"verification ({tie['gap']:+.5f} ± {tie['gap_se']:.5f} nats/token over {tie['windows']} windows); "
+                   f"it is the simpler plan to deploy")
     typer.echo(f"written: {out}/front.csv, front.png, plan.json, search.json")
 
 

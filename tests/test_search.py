@@ -104,10 +104,20 @@ def test_nsga2_matches_the_exact_optimum_on_a_small_space(tmp_path):
     cost = profile.matrix("taylor")
     bits = np.tile(np.array([(int(p[1:].split("V")[0]) + int(p.split("V")[1])) / 2 for p in PAIRS]) / 8, (8, 1))
     space = build_space([tuple(map(int, p[1:].split("V"))) for p in PAIRS], cost, bits, 8)
-    X, F = nsga2_front(space, 5.0, seed=1)
+    X, F, _ = nsga2_front(space, 5.0, seed=1)
     for budget in (2.5, 3.0, 4.0, 5.0):
         optimum = evaluate(space, exact_optimum(space, budget))[0]
         assert F[F[:, 1] <= budget + 1e-9][:, 0].min() <= optimum * 1.02
+
+
+def test_nsga2_grows_a_population_the_front_fills(tmp_path):
+    profile = Profile.load(_synthetic_profile(tmp_path / "p", layers=8))
+    bits = np.tile(np.array([(int(p[1:].split("V")[0]) + int(p.split("V")[1])) / 2 for p in PAIRS]) / 8, (8, 1))
+    space = build_space([tuple(map(int, p[1:].split("V"))) for p in PAIRS], profile.matrix("taylor"), bits, 8)
+    X, F, pop_size = nsga2_front(space, 16.0, seed=0, pop_size=8)
+    assert pop_size > 8 and len(X) < 0.9 * pop_size  # it grew until the front no longer filled it
+    X_capped, _, capped = nsga2_front(space, 16.0, seed=0, pop_size=8, max_pop_size=8)
+    assert capped == 8 and len(X_capped) <= 8 < len(X)
 
 
 def test_impossible_and_bad_budgets_write_nothing(tmp_path):
@@ -157,3 +167,23 @@ def test_searched_plan_is_verified_and_runs_generate(tiny_model_dir, tmp_path):
     ids = tokenizer(["The river", "A long time ago in"], return_tensors="pt", padding=True, padding_side="left")
     out = model.generate(**ids, past_key_values=load_cache(model, plan), max_new_tokens=12, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 12
+
+
+def test_uniform_ties_name_the_uniform_plans_the_race_could_not_separate():
+    from kvtune.search.search import uniform_ties
+
+    mixed, k8v4, k4v4 = "K4V4,K8V8", "K8V4,K8V4", "K4V4,K4V4"
+    front = pd.DataFrame({
+        "source": ["nsga2", "uniform", "uniform", "uniform"],
+        "pairs": [mixed, k8v4, k4v4, "K8V8,K8V8"],
+        "nominal_bits": [6.0, 6.0, 4.0, 8.0],
+        "verified_windows": [16, 16, 16, 4],  # K8V8 dropped out of the race after 4 windows
+        "verified_gap": [0.0, 0.0013, 0.0030, 0.0001],
+        "verified_gap_se": [0.0, 0.00075, 0.0010, 0.0001],
+        "chosen": [True, False, False, False],
+    })
+    ties = uniform_ties(front, z=2.0)
+    assert [t["pair"] for t in ties] == ["K8V4"]  # K4V4 is 3 SE behind; K8V8 was not measured to the end
+    assert ties[0]["gap"] == 0.0013 and ties[0]["windows"] == 16
+    front["chosen"] = [False, True, False, False]  # a uniform choice needs no note
+    assert uniform_ties(front, z=2.0) == []

@@ -49,8 +49,25 @@ def _initial_population(space: SearchSpace, size: int, rng: np.random.Generator)
     return np.array(ranks + random)[:size]
 
 
-def nsga2_front(space: SearchSpace, budget: float, seed: int = 0, pop_size: int = 100, generations: int = 150, progress=None):
-    """(decision vectors, objectives [predicted loss, memory]) of the final non-dominated feasible set."""
+def nsga2_front(space: SearchSpace, budget: float, seed: int = 0, pop_size: int = 100, generations: int = 150,
+                progress=None, max_pop_size: int = 1600):
+    """(decision vectors, objectives [predicted loss, memory]) of the final non-dominated feasible set,
+    and the population size that found it.
+
+    A population holds at most ``pop_size`` plans, so a front with more points than that comes back
+    thinned by crowding, with gaps to the exact optimum between the points it kept (at 6-16 bits on
+    the default profile a front of 100 missed it by 5-30 %). When the front fills nine tenths of the
+    population, the run repeats with twice the population, up to ``max_pop_size``."""
+    while True:
+        X, F = _run(space, budget, seed, pop_size, generations, progress)
+        if len(X) < 0.9 * pop_size or pop_size * 2 > max_pop_size:
+            return X, F, pop_size
+        pop_size *= 2
+        if progress is not None:
+            progress.reset(total=generations)
+
+
+def _run(space: SearchSpace, budget: float, seed: int, pop_size: int, generations: int, progress):
     problem = _PlanProblem(space, budget)
     algorithm = NSGA2(
         pop_size=pop_size,

@@ -43,7 +43,7 @@ class SearchSettings:
     context: int = 32768  # context for the bytes column when the budget is in bits
     groups: int = 8
     seed: int = 0
-    pop_size: int = 100
+    pop_size: int = 100  # doubled while the front fills the population (kvtune.search.nsga)
     generations: int = 150
     gap_budgets: int = 12  # budgets at which NSGA-II is checked against the exact optimum
     gap_tolerance: float = 0.02
@@ -156,7 +156,7 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
 
     space = build_space(pairs, cost, memory, settings.groups)
     bar = tqdm(total=settings.generations, desc="search: NSGA-II", disable=not progress, leave=False)
-    X, F = nsga2_front(space, budget.value, settings.seed, settings.pop_size, settings.generations, bar)
+    X, F, pop_size = nsga2_front(space, budget.value, settings.seed, settings.pop_size, settings.generations, bar)
     bar.close()
     nsga_seconds = time.perf_counter() - started
     gaps = check_against_exact(space, F, np.linspace(smallest, budget.value, settings.gap_budgets))
@@ -233,15 +233,31 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
             "choices": [[profile.pairs[j] for j in c] for c in space.choices],
         },
         "nsga2_seconds": nsga_seconds,
+        "nsga2_pop_size": pop_size,
         "front_size": int(len(front)),
         "exact_check": {"tolerance": settings.gap_tolerance, "max_gap": float(gaps["gap"].max()) if len(gaps) else None,
                         "budgets": gaps.to_dict(orient="records")},
         "chosen": int(chosen),
+        "uniform_ties": uniform_ties(front, settings.verify_z) if settings.verify else [],
         "seconds": time.perf_counter() - started,
     }
     references = [profile.pairs[j] for j in allowed if profile.pairs[j].lower() != "k16v16"]
     _write(out, front, plan, meta, profile, references, budget, context)
     return SearchResult(front, plan, meta)
+
+
+def uniform_ties(front: pd.DataFrame, z: float) -> list[dict]:
+    """The uniform plans the race could not tell from a chosen mixed plan: measured on every window
+    the chosen plan was, and no more than ``z`` standard errors behind it. Near 6-8 bits the
+    verification often ends so; a user may then prefer the uniform plan, which every engine loads."""
+    chosen = front.loc[front["chosen"]].iloc[0]
+    if len(set(chosen["pairs"].split(","))) == 1:
+        return []
+    ties = front[(front["source"] == "uniform") & (front["verified_windows"] == chosen["verified_windows"])
+                 & (front["verified_gap"] <= z * front["verified_gap_se"])]
+    return [{"pair": row["pairs"].split(",")[0], "nominal_bits": float(row["nominal_bits"]),
+             "gap": float(row["verified_gap"]), "gap_se": float(row["verified_gap_se"]),
+             "windows": int(row["verified_windows"])} for _, row in ties.iterrows()]
 
 
 def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progress: bool) -> RaceResult:
