@@ -43,7 +43,8 @@ class SearchSettings:
     context: int = 32768  # context for the bytes column when the budget is in bits
     groups: int = 8
     seed: int = 0
-    pop_size: int = 100  # doubled while the front fills the population (kvtune.search.nsga)
+    pop_size: int = 100  # doubled while the front fills the population (kvtune.search.nsga) ...
+    max_pop_size: int = 1600  # ... up to this
     generations: int = 150
     gap_budgets: int = 12  # budgets at which NSGA-II is checked against the exact optimum
     gap_tolerance: float = 0.02
@@ -156,7 +157,8 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
 
     space = build_space(pairs, cost, memory, settings.groups)
     bar = tqdm(total=settings.generations, desc="search: NSGA-II", disable=not progress, leave=False)
-    X, F, pop_size = nsga2_front(space, budget.value, settings.seed, settings.pop_size, settings.generations, bar)
+    X, F, pop_size = nsga2_front(space, budget.value, settings.seed, settings.pop_size, settings.generations, bar,
+                                 settings.max_pop_size)
     bar.close()
     nsga_seconds = time.perf_counter() - started
     gaps = check_against_exact(space, F, np.linspace(smallest, budget.value, settings.gap_budgets))
