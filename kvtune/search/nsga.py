@@ -56,7 +56,7 @@ def nsga2_front(space: SearchSpace, budget: float, seed: int = 0, pop_size: int 
 
     A population holds at most ``pop_size`` plans, so a front with more points than that comes back
     thinned by crowding, with gaps to the exact optimum between the points it kept (at 6-16 bits on
-    the default profile a front of 100 missed it by 5-30 %). When the front fills nine tenths of the
+    the default profile a front of 100 missed it by 5-22 %). When the front fills nine tenths of the
     population, the run repeats with twice the population, up to ``max_pop_size``."""
     while True:
         X, F = _run(space, budget, seed, pop_size, generations, progress)
