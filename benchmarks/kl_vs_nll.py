@@ -111,7 +111,7 @@ def main() -> None:
                "nominal_bits": plan.nominal_bits() if plan else 16.0,
                "predicted_loss": predicted_loss(profile, plan) if plan else 0.0,
                "ppl": math.exp(cols["nll"].mean()), "kl": float(cols["kl"].mean())}
-        # Paired against K8V4: what issue 9's 6-bit row compares.
+        # Paired against K8V4: what the README's 6-bit row compares.
         for key in ("nll", "kl"):
             row[f"{key}_gap_vs_k8v4"], row[f"{key}_gap_vs_k8v4_se"] = paired_gap(cols[key], measured["k8v4"][key])
         row["nll_change_vs_fp16"] = float((cols["nll"] - measured["fp16"]["nll"]).mean())
