@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvtune import fused
-from kvtune.plan import LayerPlan, Plan
+from kvtune.plan import LayerPlan, ModelShape, Plan
 from kvtune.quant import QuantizedTensor, QuantSpec, fake_quantize, quantize
 
 
@@ -37,40 +37,56 @@ def _quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
 
 
 class _Growable:
-    """A tensor that grows along dim -2 into spare capacity, so appending is not a full copy."""
+    """A tensor that grows along dim -2 into spare capacity, so appending is not a full copy;
+    dropping from the front (sliding windows) only moves a start index until the next growth."""
 
     def __init__(self, first: torch.Tensor):
-        self.buffer, self.length = first, first.shape[-2]
+        self.buffer, self.begin, self.end = first, 0, first.shape[-2]
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
 
     def append(self, chunk: torch.Tensor) -> None:
-        needed = self.length + chunk.shape[-2]
+        needed = self.end + chunk.shape[-2]
         if needed > self.buffer.shape[-2]:
-            grown = self.buffer.new_empty(*self.buffer.shape[:-2], max(needed, 2 * self.buffer.shape[-2]), self.buffer.shape[-1])
-            grown[..., : self.length, :] = self.view
-            self.buffer = grown
-        self.buffer[..., self.length : needed, :] = chunk
-        self.length = needed
+            length = self.length
+            grown = self.buffer.new_empty(*self.buffer.shape[:-2], max(length + chunk.shape[-2], 2 * length), self.buffer.shape[-1])
+            grown[..., :length, :] = self.view
+            self.buffer, self.begin, self.end = grown, 0, length
+            needed = length + chunk.shape[-2]
+        self.buffer[..., self.end : needed, :] = chunk
+        self.end = needed
+
+    def drop_front(self, rows: int) -> None:
+        self.begin += rows
 
     @property
     def view(self) -> torch.Tensor:
-        return self.buffer[..., : self.length, :]
+        return self.buffer[..., self.begin : self.end, :]
 
 
 class _Stream:
-    """One of K or V within a layer: quantized prefix + full-precision tail."""
+    """One of K or V within a layer: quantized prefix + full-precision tail.
+
+    Positions are absolute (tokens since the start): the quantized store holds ``[q_begin, q_end)``,
+    the tail ``[tail_begin, total)``. Only sliding-window layers ever drop tokens (:meth:`drop_before`),
+    by the rule of :func:`kvtune.plan.held_tokens`.
+    """
 
     def __init__(self, spec: QuantSpec, residual: int):
         self.spec, self.residual = spec, residual
         self._store: tuple[_Growable, _Growable, _Growable] | None = None  # packed, scale, zero
         self._dtype: torch.dtype | None = None
         self.tail: torch.Tensor | None = None
+        self.total = self.q_begin = self.q_end = self.tail_begin = 0
         # Engine formats (fp8, nvfp4, q*_*) are held as their dequantized values; bytes are counted
         # as the engine stores them. Every token is stored in the format (no window).
         self._engine: _Growable | None = None
 
     @property
     def quantized(self) -> QuantizedTensor | None:
-        if self._store is None:
+        if self._store is None or self.q_end == self.q_begin:
             return None
         packed, scale, zero = (g.view for g in self._store)
         return QuantizedTensor(packed, scale, zero, self.spec, self._dtype)
@@ -79,7 +95,7 @@ class _Stream:
     def num_quantized(self) -> int:
         if self._engine is not None:
             return self._engine.length
-        return 0 if self._store is None else self._store[0].length
+        return self.q_end - self.q_begin
 
     @property
     def num_tail(self) -> int:
@@ -87,6 +103,7 @@ class _Stream:
 
     def store(self, new: torch.Tensor) -> None:
         """Append ``new`` and quantize whatever the residual rule says is now old enough."""
+        self.total += new.shape[-2]
         if self.spec.is_engine:
             chunk = fake_quantize(new, self.spec)
             if self._engine is None:
@@ -95,8 +112,7 @@ class _Stream:
                 self._engine.append(chunk)
             return
         self.tail = new if self.tail is None else torch.cat([self.tail, new], dim=-2)
-        total = self.num_quantized + self.tail.shape[-2]
-        flush = self.spec.quantized_tokens(total, self.residual) - self.num_quantized
+        flush = self.spec.quantized_tokens(self.total, self.residual) - self.q_end
         if flush > 0:
             chunk = _quantize(self.tail[..., :flush, :], self.spec)
             parts = (chunk.packed, chunk.scale, chunk.zero)
@@ -106,6 +122,29 @@ class _Stream:
                 for growable, part in zip(self._store, parts):
                     growable.append(part)
             self.tail = self.tail[..., flush:, :]
+            self.q_end += flush
+            self.tail_begin = self.q_end
+
+    def drop_before(self, first: int) -> None:
+        """Forget tokens before absolute position ``first`` (they left the sliding window)."""
+        if self._engine is not None:
+            n = first - (self.total - self._engine.length)
+            if n > 0:
+                self._engine.drop_front(n)
+            return
+        if not self.spec.is_quantized:
+            n = first - self.tail_begin
+            if n > 0 and self.tail is not None:
+                self.tail, self.tail_begin = self.tail[..., n:, :].clone(), first
+            return
+        step = self.spec.token_granularity
+        n = (min(first, self.q_end) - self.q_begin) // step * step  # whole groups: they share scales
+        if n > 0:
+            packed, scale, zero = self._store
+            packed.drop_front(n)
+            for qparams in (scale, zero):
+                qparams.drop_front(n // step if self.spec.mode == "per-channel" else n)
+            self.q_begin += n
 
     def append(self, new: torch.Tensor) -> torch.Tensor:
         """Store ``new`` and return every cached token dequantized (the reference read)."""
@@ -120,8 +159,8 @@ class _Stream:
         parts = [quantized.dequantize()] if quantized is not None else []
         if self._engine is not None:
             parts = [self._engine.view]
-        tail = [] if self.tail is None else [self.tail]
-        full = torch.cat(parts + tail, dim=-2) if parts else self.tail
+        tail = [] if self.tail is None or self.num_tail == 0 else [self.tail]
+        full = torch.cat(parts + tail, dim=-2) if len(parts + tail) > 1 else (parts + tail)[0]
         if self.num_tail < new.shape[-2]:
             full = full.clone()
             full[..., -new.shape[-2] :, :] = new  # the current call reads its own tokens unrounded
@@ -140,21 +179,25 @@ class _Stream:
     def map(self, fn) -> None:
         if self._engine is not None:
             self._engine = _Growable(fn(self._engine.view))
-        quantized = self.quantized
-        if quantized is not None:
-            self._store = tuple(_Growable(fn(t)) for t in (quantized.packed, quantized.scale, quantized.zero))
+        if self._store is not None:
+            self._store = tuple(_Growable(fn(g.view)) for g in self._store)
         if self.tail is not None:
             self.tail = fn(self.tail)
 
 
 class MixedPrecisionLayer(DynamicLayer):
-    """One decoder layer's K/V, quantized as its :class:`LayerPlan` says."""
+    """One attention layer's K/V, quantized as its :class:`LayerPlan` says.
+
+    With a ``window`` (sliding-window or chunked attention) it holds what transformers' own sliding
+    cache holds, the last ``window - 1`` tokens, give or take whole quantization groups."""
 
     is_croppable = False
 
-    def __init__(self, layer_plan: LayerPlan, layer_idx: int = 0, fused_decode: bool = False):
+    def __init__(self, layer_plan: LayerPlan, layer_idx: int = 0, fused_decode: bool = False, window: int = 0):
         super().__init__()
-        self.plan, self.layer_idx, self.fused_decode = layer_plan, layer_idx, fused_decode
+        self.plan, self.layer_idx, self.window = layer_plan, layer_idx, window
+        self.fused_decode = fused_decode and not window  # the kernel reads whole streams; windows go the reference way
+        self.is_sliding = bool(window)
         self.cumulative_length = 0
         self._k = _Stream(layer_plan.key, layer_plan.residual)
         self._v = _Stream(layer_plan.value, layer_plan.residual)
@@ -162,6 +205,7 @@ class MixedPrecisionLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        past = self.cumulative_length
         self.cumulative_length += key_states.shape[-2]
         new = key_states.shape[-2]
         integer = not (self.plan.key.is_engine or self.plan.value.is_engine)
@@ -172,7 +216,25 @@ class MixedPrecisionLayer(DynamicLayer):
                 fused.hand_over(self.layer_idx, key_states, (self._k.quantized, self._k.tail), (self._v.quantized, self._v.tail))
                 return key_states, value_states  # the fused attention reads the cache, not these
             return self._k.read(key_states), self._v.read(value_states)
-        return self._k.append(key_states), self._v.append(value_states)
+        keys, values = self._k.append(key_states), self._v.append(value_states)
+        if self.window:
+            visible = min(past, self.window - 1) + new  # what get_mask_sizes told the mask
+            keys, values = keys[..., -visible:, :], values[..., -visible:, :]
+            first = self.cumulative_length - (self.window - 1)
+            self._k.drop_before(first)
+            self._v.drop_before(first)
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self.window:
+            return self.cumulative_length + query_length, 0
+        kv_offset = max(self.cumulative_length - self.window + 1, 0)
+        if self.cumulative_length >= self.window:
+            return self.window - 1 + query_length, kv_offset
+        return self.cumulative_length + query_length, kv_offset
+
+    def get_max_length(self) -> int:
+        return self.window or -1
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -210,16 +272,36 @@ class MixedPrecisionLayer(DynamicLayer):
 
 
 class MixedPrecisionCache(Cache):
-    """``model.generate(..., past_key_values=MixedPrecisionCache(plan))``."""
+    """``model.generate(..., past_key_values=load_cache(model, plan))``.
 
-    def __init__(self, plan: Plan, fused_decode: bool = False):
+    One :class:`MixedPrecisionLayer` per planned attention layer. With ``config`` (a hybrid model),
+    the layers outside the plan (linear attention, convolution, none) get the cache layers
+    transformers itself would give them, at their model index.
+    """
+
+    def __init__(self, plan: Plan, fused_decode: bool = False, shape: ModelShape | None = None, config=None):
         self.plan = plan
-        layers = [MixedPrecisionLayer(layer, i, fused_decode) for i, layer in enumerate(plan.layers)]
+        shape = shape or plan.shape or ModelShape(len(plan), 1, 1)
+        planned = {shape.model_layer(i): i for i in range(len(plan))}
+        if config is not None:
+            from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
+
+            from kvtune.arch import layer_types
+
+            types, kwargs = layer_types(config)
+            others = {i: DYNAMIC_LAYER_TYPE_MAPPING[t](**kw) for i, (t, kw) in enumerate(zip(types, kwargs)) if i not in planned}
+            count = len(types)
+        else:
+            others, count = {}, len(plan)
+        layers = [
+            MixedPrecisionLayer(plan.layers[planned[i]], i, fused_decode, shape.window(planned[i])) if i in planned else others[i]
+            for i in range(count)
+        ]
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:
-        """Bytes held now: packed codes, fp16 scales/zeros and the residual tails at fp16."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes held now by the planned layers: packed codes, fp16 scales/zeros and the residual tails at fp16."""
+        return sum(layer.nbytes() for layer in self.layers if isinstance(layer, MixedPrecisionLayer))
 
 
 def load_cache(model, plan: Plan, fused_decode: bool | None = None) -> MixedPrecisionCache:
@@ -228,12 +310,12 @@ def load_cache(model, plan: Plan, fused_decode: bool | None = None) -> MixedPrec
     ``fused_decode`` (default: whether the model is on CUDA) switches the model to the
     ``kvtune_fused`` attention so decode steps read the packed cache with the Triton kernel.
     """
-    from kvtune.models import check_supported, model_shape
+    from kvtune.models import check_supported
 
-    check_supported(model)
-    plan.check_model(model_shape(model), getattr(model, "name_or_path", "the model"))
+    arch = check_supported(model)
+    plan.check_model(arch.shape, getattr(model, "name_or_path", "the model"))
     if fused_decode is None:
         fused_decode = fused.available(model)
     if fused_decode:
         fused.enable(model)
-    return MixedPrecisionCache(plan, fused_decode)
+    return MixedPrecisionCache(plan, fused_decode, arch.shape, model.config)

@@ -30,12 +30,16 @@ def ppl(
     windows: int = typer.Option(8, min=1, help="Number of held-out windows."),
     seed: int = typer.Option(0, help="Seed for choosing windows."),
     device: str = typer.Option("cpu"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs)."),
+    device_map: Optional[str] = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file."),
+    max_memory: Optional[str] = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     out: Path = typer.Option(Path("outputs/ppl"), help="Folder for the table (CSV) and its metadata (JSON)."),
 ):
     """Held-out perplexity of each plan, with K/V quantized exactly as the cache would store them."""
     from kvtune.eval import EvalSettings, evaluate_plans, save_table
 
-    settings = EvalSettings(model=model, data=data, seq_len=seq_len, windows=windows, seed=seed, device=device, plans=plan)
+    settings = EvalSettings(model=model, data=data, seq_len=seq_len, windows=windows, seed=seed, device=device, plans=plan,
+                            dtype=dtype, device_map=device_map, max_memory=max_memory)
     try:
         table = evaluate_plans(settings)
     except KvtuneError as e:
@@ -57,6 +61,9 @@ def eval_command(
     windows: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs)."),
+    device_map: Optional[str] = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file."),
+    max_memory: Optional[str] = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     out: Path = typer.Option(Path("outputs/eval"), help="Folder for eval.csv, eval.json, eval.png."),
 ):
     """Held-out PPL and task accuracy of plans (answers generated through the quantized cache) against baselines."""
@@ -66,6 +73,7 @@ def eval_command(
     if not plans:
         _fail(KvtuneError("nothing to evaluate: give --plan or keep the baselines"))
     settings = EvalSettings(model=model, data=data, seq_len=seq_len, windows=windows, seed=seed, device=device, plans=plans,
+                            dtype=dtype, device_map=device_map, max_memory=max_memory,
                             tasks=_csv(tasks), task_items=items, needle_context=needle_context)
     try:
         table = evaluate_plans(settings)
@@ -110,6 +118,9 @@ def run(
     items: int = typer.Option(12, min=1, help="Items per accuracy task."),
     needle_context: int = typer.Option(1024, min=64, help="Haystack tokens for the needle task."),
     device: str = typer.Option("cpu"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs)."),
+    device_map: Optional[str] = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file."),
+    max_memory: Optional[str] = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     out: Path = typer.Option(Path("outputs/run")),
 ):
     """The main job: profile → search → eval → export on the default model and data, each step
@@ -122,12 +133,13 @@ def run(
 
     try:
         typer.secho("[1/4] profile", bold=True)
-        _report_profile(run_profile(ProfileSettings(model=model, data=data, device=device), out / "profile"), out / "profile")
+        placement = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+        _report_profile(run_profile(ProfileSettings(model=model, data=data, **placement), out / "profile"), out / "profile")
         typer.secho(f"[2/4] search --budget {budget}", bold=True)
-        result = run_search(SearchSettings(profile=str(out / "profile"), budget=budget, device=device), out / "search")
+        result = run_search(SearchSettings(profile=str(out / "profile"), budget=budget, **placement), out / "search")
         _report_search(result, out / "search")
         typer.secho("[3/4] eval", bold=True)
-        settings = EvalSettings(model=model, data=data, device=device, plans=list(EVAL_BASELINES) + [str(out / "search" / "plan.json")],
+        settings = EvalSettings(model=model, data=data, **placement, plans=list(EVAL_BASELINES) + [str(out / "search" / "plan.json")],
                                 tasks=list(TASKS), task_items=items, needle_context=needle_context)
         table = evaluate_plans(settings)
         _print_table(table)
@@ -160,6 +172,9 @@ def profile(
     validate_layers: str = typer.Option("", help="Layers measured at every pair (default: first, middle, last)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs)."),
+    device_map: Optional[str] = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file."),
+    max_memory: Optional[str] = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     out: Path = typer.Option(Path("outputs/profile"), help="Folder for profile.csv, profile.json, heatmap.png."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard partial results in --out instead of resuming."),
 ):
@@ -170,7 +185,7 @@ def profile(
     try:
         settings = ProfileSettings(
             model=model, data=data, seq_len=max_tokens, windows=windows, batch_size=batch_size, seed=seed,
-            device=device, pairs=resolve_formats(formats), key_mode=key_mode, value_mode=value_mode, group_size=group_size,
+            device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, pairs=resolve_formats(formats), key_mode=key_mode, value_mode=value_mode, group_size=group_size,
             residual=residual, validate_windows=validate_windows, validate_pair=validate_pair,
             validate_layers=[int(x) for x in _csv(validate_layers)] or None,
         )
@@ -208,6 +223,9 @@ def search(
     formats: str = typer.Option("", help="Search only these profiled pairs: int, vllm, llama.cpp, engine, all, or a list (default: every profiled pair)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs)."),
+    device_map: Optional[str] = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file."),
+    max_memory: Optional[str] = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     out: Path = typer.Option(Path("outputs/search"), help="Folder for front.csv, front.png, plan.json, search.json."),
 ):
     """Pareto front of per-layer plans under a budget, and the best measured plan as a plan file."""
@@ -215,7 +233,8 @@ def search(
 
     settings = SearchSettings(profile=str(profile), budget=budget, batch=batch, context=context, groups=groups,
                               generations=generations, pop_size=pop_size, verify=verify, verify_windows=verify_windows,
-                              verify_uniform=verify_uniform, formats=formats or None, seed=seed, device=device)
+                              verify_uniform=verify_uniform, formats=formats or None, seed=seed, device=device,
+                              dtype=dtype, device_map=device_map, max_memory=max_memory)
     try:
         result = run_search(settings, out)
     except KvtuneError as e:

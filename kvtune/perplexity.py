@@ -21,7 +21,9 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    from kvtune.models import input_device
+
+    return input_device(model)
 
 
 @torch.no_grad()

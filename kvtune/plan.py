@@ -34,17 +34,94 @@ Label = int | str  # a K or V format inside a pair: an integer width, or an engi
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What of a model's architecture a plan depends on."""
+    """What of a model's architecture a plan depends on.
+
+    A plan has one entry per *attention* layer (layers with a growing K/V); ``num_layers`` counts
+    those. ``layer_ids`` gives their indices in the model where they are not simply 0..n-1 (hybrid
+    models with linear-attention or convolution layers); ``windows`` gives, per planned layer, the
+    tokens a sliding-window or chunked layer attends to (0: every token), where any layer has one.
+    """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    layer_ids: tuple[int, ...] | None = None
+    windows: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise PlanError(f"model shape: {name} must be a positive integer, got {value!r}")
+        for name in ("layer_ids", "windows"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (list, tuple)) or len(value) != self.num_layers or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value
+            ):
+                raise PlanError(f"model shape: {name} must list {self.num_layers} non-negative integers, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if self.layer_ids is not None:
+            if list(self.layer_ids) != sorted(set(self.layer_ids)):
+                raise PlanError(f"model shape: layer_ids must increase, got {list(self.layer_ids)}")
+            if self.layer_ids == tuple(range(self.num_layers)):
+                object.__setattr__(self, "layer_ids", None)  # one spelling for "every layer"
+        if self.windows is not None and not any(self.windows):
+            object.__setattr__(self, "windows", None)
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
+        """Shape of a plain decoder where every layer is full attention (see :mod:`kvtune.arch` for the rest)."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return cls(config.num_hidden_layers, kv_heads, head_dim)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "shape") -> ModelShape:
+        if not isinstance(data, dict):
+            raise PlanError(f"{where} must be an object with num_layers, num_kv_heads, head_dim")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise PlanError(f"{where} must hold num_layers, num_kv_heads, head_dim (and optionally layer_ids, windows): {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
+        if self.layer_ids is not None:
+            out["layer_ids"] = list(self.layer_ids)
+        if self.windows is not None:
+            out["windows"] = list(self.windows)
+        return out
+
+    def model_layer(self, i: int) -> int:
+        """The model's index of planned layer ``i``."""
+        return i if self.layer_ids is None else self.layer_ids[i]
+
+    def window(self, i: int) -> int:
+        """Tokens planned layer ``i`` attends to; 0 means all."""
+        return 0 if self.windows is None else self.windows[i]
+
+
+def held_tokens(spec: QuantSpec, tokens: int, residual: int, window: int = 0) -> tuple[int, int]:
+    """(quantized, full-precision) tokens one K or V stream holds after ``tokens`` tokens.
+
+    Without a window every token is held. In a sliding-window layer the next query attends to the
+    last ``window - 1`` tokens and itself, so older tokens are dropped, as transformers' own sliding
+    cache does: full-precision tokens one by one, quantized ones in whole groups (a per-channel
+    group shares its scales). Integer tokens wait in the full-precision tail until quantized, so a
+    window shorter than the tail keeps the tail. The cache follows this rule exactly.
+    """
+    quantized = spec.quantized_tokens(tokens, residual) if spec.is_quantized else 0
+    if not window:
+        return quantized, tokens - quantized
+    first = max(tokens - (window - 1), 0)  # oldest position still attended
+    if not spec.is_quantized:
+        return 0, tokens - first
+    if spec.is_engine:
+        return tokens - first, 0
+    step = spec.token_granularity
+    return quantized - min(first, quantized) // step * step, tokens - quantized
 
 
 @dataclass(frozen=True)
@@ -77,14 +154,15 @@ class LayerPlan:
         k_label, v_label = parse_pair(pair)
         return cls(spec_from_label(k_label, key_mode, group_size), spec_from_label(v_label, value_mode, group_size), residual)
 
-    def cache_bytes(self, tokens: int, shape: ModelShape, batch: int = 1) -> int:
+    def cache_bytes(self, tokens: int, shape: ModelShape, batch: int = 1, window: int = 0) -> int:
         """Real bytes of this layer's K and V after ``tokens`` tokens: packed codes, fp16
-        scales/zeros, and the full-precision residual tokens (counted at 2 bytes)."""
+        scales/zeros, and the full-precision residual tokens (counted at 2 bytes); a layer with a
+        sliding ``window`` counts only what it still holds (:func:`held_tokens`)."""
         rows = batch * shape.num_kv_heads
         total = 0
         for spec in (self.key, self.value):
-            quantized = spec.quantized_tokens(tokens, self.residual)
-            total += spec.nbytes(quantized, shape.head_dim, rows) + 2 * (tokens - quantized) * shape.head_dim * rows
+            quantized, full = held_tokens(spec, tokens, self.residual, window)
+            total += (spec.nbytes(quantized, shape.head_dim, rows) if spec.is_quantized else 0) + 2 * full * shape.head_dim * rows
         return total
 
 
@@ -156,7 +234,7 @@ class Plan:
         return sum(layer.nominal_bits for layer in self.layers) / len(self.layers)
 
     def cache_bytes(self, shape: ModelShape, tokens: int, batch: int = 1) -> int:
-        return sum(layer.cache_bytes(tokens, shape, batch) for layer in self.layers)
+        return sum(layer.cache_bytes(tokens, shape, batch, shape.window(i)) for i, layer in enumerate(self.layers))
 
     def effective_bits(self, shape: ModelShape, tokens: int, batch: int = 1) -> float:
         """Real bytes relative to an unquantized cache of the same shape, in bits per element."""
@@ -186,16 +264,19 @@ class Plan:
 
     # ---- serialisation --------------------------------------------------------------------
 
+    def _model_layer(self, i: int) -> int:
+        return i if self.shape is None else self.shape.model_layer(i)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
             "name": self.name,
             "model": self.model,
-            "shape": None if self.shape is None else vars(self.shape).copy(),
+            "shape": None if self.shape is None else self.shape.to_dict(),
             "nominal_bits": round(self.nominal_bits(), 6),
             "layers": [
-                {"layer": i, "key": _spec_to_dict(l.key), "value": _spec_to_dict(l.value), "residual": l.residual}
+                {"layer": self._model_layer(i), "key": _spec_to_dict(l.key), "value": _spec_to_dict(l.value), "residual": l.residual}
                 for i, l in enumerate(self.layers)
             ],
             "metadata": self.metadata,
@@ -216,20 +297,17 @@ class Plan:
         layers_data = data.get("layers")
         if not isinstance(layers_data, list) or not layers_data:
             raise PlanError("plan 'layers' must be a non-empty list, one entry per decoder layer")
-        layers = tuple(_layer_from_data(i, entry) for i, entry in enumerate(layers_data))
         shape = data.get("shape")
         if shape is not None:
-            try:
-                shape = ModelShape(**shape)
-            except TypeError as e:
-                raise PlanError(f"plan 'shape' must hold num_layers, num_kv_heads, head_dim: {e}") from None
+            shape = ModelShape.from_dict(shape, "plan 'shape'")
+            if shape.num_layers != len(layers_data):
+                raise PlanError(f"plan 'shape' says {shape.num_layers} layers but 'layers' has {len(layers_data)} entries")
+        ids = [i if shape is None else shape.model_layer(i) for i in range(len(layers_data))]
+        layers = tuple(_layer_from_data(i, entry) for i, entry in zip(ids, layers_data))
         metadata = data.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise PlanError("plan 'metadata' must be an object")
-        plan = cls(layers, name=str(data.get("name") or ""), model=str(data.get("model") or ""), shape=shape, metadata=metadata)
-        if shape is not None and shape.num_layers != len(layers):
-            raise PlanError(f"plan 'shape' says {shape.num_layers} layers but 'layers' has {len(layers)} entries")
-        return plan
+        return cls(layers, name=str(data.get("name") or ""), model=str(data.get("model") or ""), shape=shape, metadata=metadata)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -306,7 +384,10 @@ def _layer_from_data(index: int, data: Any) -> LayerPlan:
         raise PlanError(f"{where}: expected an object with 'key', 'value' and 'residual', or a pair like 'k4v2'")
     _refuse_unknown(data, {"layer", "key", "value", "residual"}, where)
     if "layer" in data and data["layer"] != index:
-        raise PlanError(f"{where}: entry says 'layer': {data['layer']!r}; layers must be listed in order 0..n-1")
+        raise PlanError(
+            f"{where}: entry says 'layer': {data['layer']!r}; layers must be listed in order, by their model index "
+            "(0..n-1, or shape.layer_ids where only some layers are attention)"
+        )
     for required in ("key", "value"):
         if required not in data:
             raise PlanError(f"{where}: missing '{required}'")
@@ -330,21 +411,30 @@ PRESET_FORMS = {
 }
 
 
-def resolve_plan(spec: str | Path, num_layers: int) -> Plan:
-    """A plan file path or a preset name, as accepted by every command that takes ``--plan``."""
+def fit_group_size(head_dim: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """The default per-token group for a head size: ``group_size`` where it divides ``head_dim``,
+    else the largest divisor of ``head_dim`` below it (head_dim 80 → 16, 96 → 32, 72 → 24).
+    An explicitly chosen group is never adjusted: :meth:`Plan.check_model` refuses it instead."""
+    return max(d for d in range(1, min(group_size, head_dim) + 1) if head_dim % d == 0)
+
+
+def resolve_plan(spec: str | Path, num_layers: int, head_dim: int | None = None) -> Plan:
+    """A plan file path or a preset name, as accepted by every command that takes ``--plan``.
+    Presets take a group that divides ``head_dim`` where it is given (:func:`fit_group_size`)."""
     text = str(spec).strip()
     lowered = text.lower()
+    group = {} if head_dim is None else {"group_size": fit_group_size(head_dim)}
     if lowered == "fp16":
         return Plan.uniform("k16v16", num_layers, name="fp16")
     if lowered.startswith("uniform:"):
-        return Plan.uniform(lowered.split(":", 1)[1], num_layers)
+        return Plan.uniform(lowered.split(":", 1)[1], num_layers, **group)
     if lowered.startswith("kivi:"):
         bits = lowered.split(":", 1)[1]
         if not bits.isdigit():
             raise PlanError(f"cannot read {text!r}: expected kivi:<bits>, e.g. kivi:2")
-        return Plan.uniform(f"k{bits}v{bits}", num_layers, name=lowered, **_KIVI)
+        return Plan.uniform(f"k{bits}v{bits}", num_layers, name=lowered, **{**_KIVI, **group})
     if _PAIR_RE.match(lowered):
-        return Plan.uniform(lowered, num_layers)
+        return Plan.uniform(lowered, num_layers, **group)
     path = Path(text)
     if path.suffix == ".json" or path.exists():
         return Plan.load(path)

@@ -20,6 +20,7 @@ from kvtune.quant import QuantSpec, fake_quantize
 
 ATTN_NAME = "kvtune_simulated"
 _active_plan: Plan | None = None
+_active_index: dict[int, int] = {}  # model layer index -> plan position
 _registered = False
 
 
@@ -48,16 +49,19 @@ def simulated_attention(
     layer: LayerPlan,
     scaling: float,
     attention_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output (B, Hq, T, D) of one prefill as a quantized cache would produce it.
 
     query (B, Hq, T, D); key, value (B, Hkv, T, D) with Hq a multiple of Hkv (GQA).
-    ``attention_mask`` is an additive float mask (B, 1, T, T); None means plain causal.
+    ``attention_mask`` is an additive float mask (B, 1, T, T) (a sliding window is part of it);
+    None means plain causal. ``softcap`` and ``sinks`` as in Gemma 2 and gpt-oss.
     """
     length = query.shape[-2]
     if key.shape[-2] != length:
         raise ValueError("simulated quantization covers a whole prefill: query and key lengths must match")
-    if not (layer.key.is_quantized or layer.value.is_quantized):
+    if not (layer.key.is_quantized or layer.value.is_quantized) and softcap is None and sinks is None:
         return _exact_attention(query, key, value, scaling, attention_mask)
     return two_view_attention(
         query,
@@ -69,22 +73,42 @@ def simulated_attention(
         seen_quantized(layer.value, layer.residual, length, query.device),
         scaling,
         attention_mask,
+        softcap,
+        sinks,
     )
 
 
-def causal_softmax(scores: torch.Tensor, scaling: float, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """softmax(scores · scaling + mask) over keys, causal when no (additive) mask is given; in float32 at least."""
+def causal_softmax(
+    scores: torch.Tensor,
+    scaling: float,
+    attention_mask: torch.Tensor | None,
+    dtype: torch.dtype,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(scores · scaling + mask) over keys, causal when no (additive) mask is given; in float32 at least.
+
+    ``softcap``: logits become softcap · tanh(logits / softcap) before the mask (Gemma 2).
+    ``sinks``: one learned logit per query head joins the softmax and is dropped after it (gpt-oss).
+    """
     length = scores.shape[-2]
     scores = scores * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is None:
         causal = torch.ones(length, length, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
     else:
-        scores = scores + attention_mask[..., :length]
-    return torch.softmax(scores, dim=-1, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
+        scores = scores + attention_mask[..., : scores.shape[-1]]
+    work = torch.promote_types(dtype, torch.float32)
+    if sinks is None:
+        return torch.softmax(scores, dim=-1, dtype=work).to(dtype)
+    sink = sinks.to(scores.device, work).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores.to(work), sink], dim=-1), dim=-1)[..., :-1].to(dtype)
 
 
-def two_view_attention(query, key, value, key_hat, value_hat, key_seen_hat, value_seen_hat, scaling, attention_mask=None):
+def two_view_attention(query, key, value, key_hat, value_hat, key_seen_hat, value_seen_hat, scaling, attention_mask=None,
+                       softcap=None, sinks=None):
     """Causal attention where query t reads position i from ``key_hat``/``value_hat`` where the
     (T, T) bool masks say so and from ``key``/``value`` elsewhere. GQA heads are repeated here."""
     groups = query.shape[1] // key.shape[1]
@@ -96,7 +120,7 @@ def two_view_attention(query, key, value, key_hat, value_hat, key_seen_hat, valu
     if key_seen_hat.any():
         scores_hat = torch.matmul(query, rep(key_hat).transpose(-1, -2))
         scores = torch.where(key_seen_hat, scores_hat, scores)
-    probs = causal_softmax(scores, scaling, attention_mask, query.dtype)
+    probs = causal_softmax(scores, scaling, attention_mask, query.dtype, softcap, sinks)
     if not value_seen_hat.any():
         return torch.matmul(probs, rep(value))
     from_hat = value_seen_hat.to(probs.dtype)
@@ -110,10 +134,15 @@ def _exact_attention(query, key, value, scaling, attention_mask):
     )
 
 
-def _attention_interface(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def _attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from kvtune.arch import attention_extras
+
     if _active_plan is None:
         raise RuntimeError(f"attention '{ATTN_NAME}' runs only inside kvtune.simulate_quantization()")
-    out = simulated_attention(query, key, value, _active_plan.layers[module.layer_idx], scaling, attention_mask)
+    softcap, sinks = attention_extras(module, kwargs, attention_mask, dropout)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    layer = _active_plan.layers[_active_index[module.layer_idx]]
+    out = simulated_attention(query, key, value, layer, scaling, attention_mask, softcap, sinks)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -133,17 +162,17 @@ def _register() -> None:
 def simulate_quantization(model, plan: Plan):
     """Within the block, ``model(input_ids, use_cache=False)`` attends as if K/V came from a cache
     quantized by ``plan``."""
-    global _active_plan
-    from kvtune.models import check_supported, model_shape
+    global _active_plan, _active_index
+    from kvtune.models import check_supported
 
-    check_supported(model)
-    plan.check_model(model_shape(model), getattr(model, "name_or_path", "the model"))
+    arch = check_supported(model)
+    plan.check_model(arch.shape, getattr(model, "name_or_path", "the model"))
     _register()
-    previous_impl, previous_plan = model.config._attn_implementation, _active_plan
+    previous_impl, previous = model.config._attn_implementation, (_active_plan, _active_index)
     model.set_attn_implementation(ATTN_NAME)
-    _active_plan = plan
+    _active_plan, _active_index = plan, arch.plan_index
     try:
         yield model
     finally:
-        _active_plan = previous_plan
+        _active_plan, _active_index = previous
         model.set_attn_implementation(previous_impl)

@@ -52,7 +52,7 @@ class Profile:
 
     @property
     def shape(self) -> ModelShape:
-        return ModelShape(**self.meta["shape"])
+        return ModelShape.from_dict(self.meta["shape"], "profile shape")
 
     @property
     def num_layers(self) -> int:
@@ -110,7 +110,7 @@ def _validate(table: pd.DataFrame, meta, where: Path) -> None:
             f"{where}: profile schema_version {meta.get('schema_version')!r} is not supported (this kvtune reads {SCHEMA_VERSION})"
         )
     try:
-        shape = ModelShape(**meta["shape"])
+        shape = ModelShape.from_dict(meta["shape"], "profile shape")
         pairs = [pair_name(*parse_pair(p)) for p in meta["pairs"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ProfileError(f"{where}/{META_FILE}: missing or malformed 'shape'/'pairs' ({e})") from None

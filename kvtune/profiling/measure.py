@@ -1,7 +1,9 @@
 """Measured impact of quantizing one layer: the ground truth the Taylor estimate is checked against.
 
 Quantizing layer ``l`` changes nothing before it, so the hidden states entering every layer are
-recorded once in full precision and each measurement replays only layers ``l..L-1``.
+recorded once in full precision and each measurement replays only layers ``l..L-1``. The replay
+assumes the common decoder layout (``decoder.layers``, ``decoder.norm``, ``lm_head``); it checks
+itself once against the whole model and, for a family laid out otherwise, runs whole forwards.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ class LayerReplay:
     """Full-precision inputs of every decoder layer for a batch of windows, and the reference log-probs."""
 
     def __init__(self, model, windows: torch.Tensor):
-        self.model = model
+        from kvtune.arch import describe
+
+        self.model, self.windows = model, windows
+        self.shape = describe(model).shape
         self.decoder = model.get_decoder()
-        self.layers = list(self.decoder.layers)
+        self.layers = list(getattr(self.decoder, "layers", []))
         self.targets = windows[:, 1:]
         self.inputs: list[tuple[tuple, dict]] = []
-        fp = Plan.uniform("k16v16", len(self.layers))
+        fp = Plan.uniform("k16v16", self.shape.num_layers)
         hooks = [layer.register_forward_pre_hook(self._record, with_kwargs=True) for layer in self.layers]
         try:
             # Inside the simulation so the recorded masks have the additive form every replay uses.
@@ -33,6 +38,16 @@ class LayerReplay:
                 h.remove()
         self.reference_logprobs = logits[:, :-1].float().log_softmax(-1)
         self.reference_nll = self._nll(self.reference_logprobs)
+        self.replays = self._replay_matches(fp)
+
+    def _replay_matches(self, fp: Plan) -> bool:
+        if len(self.inputs) != len(self.layers) or not self.layers or not hasattr(self.decoder, "norm"):
+            return False
+        try:
+            replayed = self.logprobs_with(fp, 0)
+        except (TypeError, RuntimeError, AttributeError):
+            return False
+        return torch.allclose(replayed, self.reference_logprobs, atol=1e-4, rtol=0)
 
     def _record(self, module, args, kwargs):
         self.inputs.append((args, dict(kwargs)))
@@ -42,7 +57,10 @@ class LayerReplay:
 
     @torch.no_grad()
     def logprobs_with(self, plan: Plan, start_layer: int) -> torch.Tensor:
-        """Log-probs when ``plan`` applies, replaying from ``start_layer`` (all earlier layers exact)."""
+        """Log-probs when ``plan`` applies, replaying from model layer ``start_layer`` (all earlier layers exact)."""
+        if not getattr(self, "replays", True):
+            with simulate_quantization(self.model, plan):
+                return self.model(input_ids=self.windows, use_cache=False).logits[:, :-1].float().log_softmax(-1)
         args, kwargs = self.inputs[start_layer]
         hidden = args[0] if args else kwargs["hidden_states"]
         with simulate_quantization(self.model, plan):
@@ -58,9 +76,9 @@ class LayerReplay:
 
     def single_layer_impact(self, layer: int, layer_plan: LayerPlan) -> tuple[float, float]:
         """(mean change in NLL per token, mean KL(fp ‖ quantized) per token) with only ``layer`` quantized."""
-        layers = [LayerPlan.from_pair("k16v16")] * len(self.layers)
+        layers = [LayerPlan.from_pair("k16v16")] * self.shape.num_layers
         layers[layer] = layer_plan
-        logprobs = self.logprobs_with(Plan(tuple(layers)), layer)
+        logprobs = self.logprobs_with(Plan(tuple(layers)), self.shape.model_layer(layer))
         dnll = (self._nll(logprobs) - self.reference_nll).mean().item()
         kl = F.kl_div(logprobs, self.reference_logprobs, log_target=True, reduction="none").sum(-1).mean().item()
         return dnll, max(kl, 0.0)  # KL >= 0; a tiny negative value is round-off

@@ -88,13 +88,18 @@ class ErrorSums:
 
 
 class Probe:
-    def __init__(self, candidates: Candidates, num_layers: int):
+    def __init__(self, candidates: Candidates, num_layers: int, plan_index: dict[int, int] | None = None):
         self.c = candidates
         self.captures: dict[int, LayerCapture] = {}
         self.errors = [ErrorSums() for _ in range(num_layers)]
+        self.plan_index = plan_index or {i: i for i in range(num_layers)}  # model layer -> plan position
 
-    def attention(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        layer, length = module.layer_idx, query.shape[-2]
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        from kvtune.arch import attention_extras
+
+        softcap, sinks = attention_extras(module, kwargs, attention_mask, dropout)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        layer, length = self.plan_index[module.layer_idx], query.shape[-2]
         families = self.c.families or ["int"]
         dk = {f: torch.zeros_like(key, requires_grad=True) for f in families}
         dv = {f: torch.zeros_like(value, requires_grad=True) for f in families}
@@ -104,9 +109,11 @@ class Probe:
         # exact and linear in each view's perturbation, so one pass gives every family's gradient.
         views = [(dk[f], dv[f], self._seen(f, "key", length, query.device), self._seen(f, "value", length, query.device))
                  for f in families]
-        out = perturbed_attention(query, key, value, views, scaling, attention_mask)
+        out = perturbed_attention(query, key, value, views, scaling, attention_mask, softcap, sinks)
         with torch.no_grad():
-            self._accumulate_errors(layer, query.detach(), key.detach(), value.detach(), out.detach(), scaling, attention_mask)
+            sinks_now = None if sinks is None else sinks.detach()
+            self._accumulate_errors(layer, query.detach(), key.detach(), value.detach(), out.detach(), scaling, attention_mask,
+                                    softcap, sinks_now)
         return out.transpose(1, 2).contiguous(), None
 
     def _seen(self, fam: str, which: str, length: int, device) -> torch.Tensor:
@@ -114,7 +121,7 @@ class Probe:
         spec = self.c.key_spec(label) if which == "key" else self.c.value_spec(label)
         return seen_quantized(spec, self.c.residual, length, device)
 
-    def _accumulate_errors(self, layer, q, k, v, out, scaling, mask) -> None:
+    def _accumulate_errors(self, layer, q, k, v, out, scaling, mask, softcap=None, sinks=None) -> None:
         """All one-sided and joint errors of this layer from 1 + |K widths| softmaxes.
 
         Same arithmetic as :func:`~kvtune.simulate.simulated_attention` for each pair, with the
@@ -124,10 +131,6 @@ class Probe:
         residual = self.c.residual
         key_seen = {f: self._seen(f, "key", length, q.device) for f in ("int", "engine")}
         value_seen = {f: self._seen(f, "value", length, q.device).to(q.dtype) for f in ("int", "engine")}
-        if mask is None:
-            mask = torch.zeros(length, length, dtype=q.dtype, device=q.device).masked_fill(
-                ~torch.ones(length, length, dtype=torch.bool, device=q.device).tril(), float("-inf")
-            )
         exact_scores = torch.matmul(q, k.repeat_interleave(groups, 1).transpose(-1, -2))
         v_rep = v.repeat_interleave(groups, 1)
         v_shift = {
@@ -145,7 +148,7 @@ class Probe:
             if k_bits != 16:
                 k_hat = fake_quantize_prefix(k, self.c.key_spec(k_bits), residual).repeat_interleave(groups, 1)
                 scores = torch.where(key_seen[family(k_bits)], torch.matmul(q, k_hat.transpose(-1, -2)), exact_scores)
-            probs = torch.softmax(scores * scaling + mask[..., :length], dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+            probs = causal_softmax(scores, scaling, mask, q.dtype, softcap, sinks)
             base = torch.matmul(probs, v_rep)
             if k_bits != 16:
                 sums.key_only[k_bits] = sums.key_only.get(k_bits, 0.0) + deviation(base)
@@ -173,7 +176,7 @@ class Probe:
         return terms
 
 
-def perturbed_attention(query, key, value, views, scaling, attention_mask=None):
+def perturbed_attention(query, key, value, views, scaling, attention_mask=None, softcap=None, sinks=None):
     """Causal attention (GQA) plus, for each view ``(dk, dv, key_seen, value_seen)``, the
     perturbation read where that view's (T, T) masks say a query reads the quantized store:
     scores = q·k + Σ seen⊙(q·dk), out = P·v + Σ (P⊙seen)·dv. With zero perturbations this is exact
@@ -183,7 +186,7 @@ def perturbed_attention(query, key, value, views, scaling, attention_mask=None):
     scores = torch.matmul(query, rep(key).transpose(-1, -2))
     for dk, _, key_seen, _ in views:
         scores = scores + key_seen * torch.matmul(query, rep(dk).transpose(-1, -2))
-    probs = causal_softmax(scores, scaling, attention_mask, query.dtype)
+    probs = causal_softmax(scores, scaling, attention_mask, query.dtype, softcap, sinks)
     out = torch.matmul(probs, rep(value))
     for _, dv, _, value_seen in views:
         out = out + torch.matmul(probs * value_seen.to(probs.dtype), rep(dv))

@@ -28,7 +28,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -37,9 +37,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvtune.data import DEFAULT_DATA, load_windows
+from kvtune.arch import describe
 from kvtune.errors import ProfileError
-from kvtune.models import DEFAULT_MODEL, canonical_name, load_model, model_shape
-from kvtune.plan import DEFAULT_GROUP_SIZE, DEFAULT_KEY_MODE, DEFAULT_RESIDUAL, DEFAULT_VALUE_MODE, pair_name, parse_pair
+from kvtune.models import DEFAULT_MODEL, canonical_name, input_device, load_model, model_shape
+from kvtune.plan import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_KEY_MODE,
+    DEFAULT_RESIDUAL,
+    DEFAULT_VALUE_MODE,
+    fit_group_size,
+    pair_name,
+    parse_pair,
+)
 from kvtune.profiling.artifact import HEATMAP_FILE, SCHEMA, SCHEMA_VERSION, Profile, save_heatmap, spearman
 from kvtune.profiling.measure import LayerReplay
 from kvtune.profiling.probe import Candidates, Probe, probing
@@ -58,6 +67,9 @@ class ProfileSettings:
     batch_size: int = 2
     seed: int = 0
     device: str = "cpu"
+    dtype: str | None = None  # None: float32 on CPU, the checkpoint's own (bf16/fp16) on GPUs
+    device_map: str | None = None  # accelerate: auto, balanced, or a JSON map; spreads the model over devices
+    max_memory: str | None = None  # accelerate: e.g. "0=70GiB,1=70GiB,cpu=200GiB"
     pairs: list[str] = field(default_factory=lambda: list(DEFAULT_PAIRS))
     key_mode: str = DEFAULT_KEY_MODE
     value_mode: str = DEFAULT_VALUE_MODE
@@ -76,7 +88,8 @@ class ProfileSettings:
     def fingerprint(self) -> dict:
         """What the partial results depend on; device and progress do not count."""
         d = asdict(self)
-        d.pop("device")
+        for placement in ("device", "device_map", "max_memory"):
+            d.pop(placement)
         return d
 
 
@@ -109,6 +122,16 @@ class _State:
         tmp.replace(self.path)
 
 
+def _warn_short_windows(shape, settings) -> None:
+    """Sliding layers whose window ends inside the full-precision tail never read a quantized token."""
+    short = [shape.model_layer(i) for i in range(shape.num_layers)
+             if shape.window(i) and shape.window(i) - 1 < settings.residual + settings.group_size]
+    if short:
+        print(f"kvtune: note: layer(s) {short} attend to a sliding window of at most residual + group "
+              f"({settings.residual} + {settings.group_size}) tokens: quantized tokens leave the window before or soon "
+              "after they are rounded, so those layers show little or no sensitivity and save little memory")
+
+
 def _new_stage1(num_layers: int, c: Candidates) -> dict:
     names = [_pair_name(k, v) for k, v in c.pairs]
     return {
@@ -123,7 +146,7 @@ def _new_stage1(num_layers: int, c: Candidates) -> dict:
 
 
 def _profile_batch(model, ids: torch.Tensor, c: Candidates, acc: dict) -> None:
-    probe = Probe(c, len(acc["reference"]))
+    probe = Probe(c, len(acc["reference"]), describe(model).plan_index)
     with probing(model, probe):
         logits = model(input_ids=ids, use_cache=False).logits
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
@@ -233,12 +256,19 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
             f"windows of {settings.seq_len} tokens leave nothing to quantize with residual {settings.residual} and "
             f"group {settings.group_size}; use a longer --max-tokens"
         )
-    state = _State(out, settings, fresh)
-    model, tokenizer = load_model(settings.model, settings.device)
+    model, tokenizer = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
     shape = model_shape(model)
+    if shape.head_dim % settings.group_size and settings.group_size == DEFAULT_GROUP_SIZE:
+        fitted = fit_group_size(shape.head_dim, settings.group_size)
+        print(f"kvtune: note: head_dim {shape.head_dim} is not a multiple of the default group {settings.group_size}; "
+              f"per-token groups of {fitted} are used (--group-size overrides)")
+        settings = replace(settings, group_size=fitted)
+        c = settings.candidates()
+    state = _State(out, settings, fresh)
+    _warn_short_windows(shape, settings)
     model.requires_grad_(False)  # gradients are wanted for K/V only
     windows = load_windows(tokenizer, "calibration", settings.seq_len, settings.windows, settings.seed, settings.data)
-    device = next(model.parameters()).device
+    device = input_device(model)
 
     acc = state.data["stage1"] or _new_stage1(shape.num_layers, c)
     batches = list(range(0, len(windows), settings.batch_size))
@@ -270,7 +300,7 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "model": canonical_name(settings.model),
-        "shape": vars(shape),
+        "shape": shape.to_dict(),
         "pairs": [_pair_name(k, v) for k, v in c.pairs],
         "settings": asdict(settings),
         "data": {"name": settings.data, "split": "calibration", "seq_len": settings.seq_len, "windows": settings.windows,

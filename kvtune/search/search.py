@@ -57,6 +57,9 @@ class SearchSettings:
     verify_seq_len: int = 512
     model: str | None = None  # default: the profile's
     data: str | None = None  # default: the profile's
+    dtype: str | None = None  # default: the profile's
+    device_map: str | None = None  # accelerate placement for verification (see kvtune.models.load_model)
+    max_memory: str | None = None
     device: str = "cpu"
 
 
@@ -97,9 +100,11 @@ def memory_tables(profile: Profile, budget: Budget, context: int) -> tuple[np.nd
     shape, candidates = profile.shape, layer_plans(profile)
     context = budget.context or context
     bits = np.array([c.nominal_bits for c in candidates]) / shape.num_layers
-    per_layer_bytes = np.array([c.cache_bytes(context, shape, budget.batch) for c in candidates], dtype=float)
     n = shape.num_layers
-    return np.tile(bits, (n, 1)), np.tile(per_layer_bytes, (n, 1)), context
+    # Sliding-window layers hold only their window, so a pair's bytes depend on the layer.
+    per_layer_bytes = np.array([[c.cache_bytes(context, shape, budget.batch, shape.window(i)) for c in candidates]
+                                for i in range(n)], dtype=float)
+    return np.tile(bits, (n, 1)), per_layer_bytes, context
 
 
 def _budget_text(budget: Budget, value: float) -> str:
@@ -267,11 +272,13 @@ def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progr
 
     from kvtune.data import load_windows
     from kvtune.errors import DataError
-    from kvtune.models import load_model
+    from kvtune.models import load_model, model_shape
     from kvtune.perplexity import token_nll
 
     meta_settings = profile.meta["settings"]
-    model, tokenizer = load_model(settings.model or meta_settings["model"], settings.device)
+    model, tokenizer = load_model(settings.model or meta_settings["model"], settings.device, settings.dtype or meta_settings.get("dtype"),
+                                  settings.device_map, settings.max_memory)
+    profile.check_model(model_shape(model), settings.model or meta_settings["model"])
     try:
         windows = load_windows(tokenizer, "verification", settings.verify_seq_len, settings.verify_windows, settings.seed,
                                settings.data or meta_settings["data"])

@@ -1,0 +1,72 @@
+"""Tiny random-weight models of the decoder families kvtune serves, built from transformers'
+config classes (no downloads). Each keeps its family's attention quirks: GQA, sliding windows
+(Mistral, Gemma 3's sliding + global mix, gpt-oss), soft-capping (Gemma 2), sinks (gpt-oss),
+MoE blocks, and hybrid stacks with linear-attention or convolution layers."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 256
+_COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
+_MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32)
+
+# family -> (model_type, config arguments)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", _LLAMA_LIKE),
+    "mistral": ("mistral", {**_LLAMA_LIKE, "sliding_window": None}),
+    "mistral-sliding": ("mistral", {**_LLAMA_LIKE, "sliding_window": 80}),
+    "mixtral": ("mixtral", {**_LLAMA_LIKE, **_MOE, "sliding_window": None}),
+    "qwen2": ("qwen2", _LLAMA_LIKE),
+    "qwen2_moe": ("qwen2_moe", {**_LLAMA_LIKE, **_MOE}),
+    "qwen3": ("qwen3", _LLAMA_LIKE),
+    "qwen3_moe": ("qwen3_moe", {**_LLAMA_LIKE, **_MOE, "sliding_window": None}),
+    "gemma2": ("gemma2", {**_LLAMA_LIKE, "num_hidden_layers": 4, "sliding_window": 80, "attn_logit_softcapping": 5.0,
+                          "final_logit_softcapping": 30.0}),
+    "gemma3": ("gemma3_text", {**_LLAMA_LIKE, "num_hidden_layers": 4, "sliding_window": 80,
+                               "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    "phi3": ("phi3", {**{k: v for k, v in _LLAMA_LIKE.items() if k != "head_dim"}, "sliding_window": None}),
+    "gpt_neox": ("gpt_neox", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
+                              "max_position_embeddings": 512}),
+    "opt": ("opt", {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
+                    "word_embed_proj_dim": 64, "max_position_embeddings": 512}),
+    "gpt2": ("gpt2", {"n_embd": 64, "n_inner": 128, "n_layer": 3, "n_head": 2, "n_positions": 512}),
+    "olmo2": ("olmo2", _LLAMA_LIKE),
+    "granite": ("granite", _LLAMA_LIKE),
+    "starcoder2": ("starcoder2", {**_LLAMA_LIKE, "sliding_window": None}),
+    "gpt_oss": ("gpt_oss", {**_LLAMA_LIKE, "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+                            "sliding_window": 80, "layer_types": ["sliding_attention", "full_attention"]}),
+    "qwen3_next": ("qwen3_next", {**_LLAMA_LIKE, **_MOE, "num_hidden_layers": 4, "linear_num_value_heads": 2,
+                                  "linear_num_key_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                                  "layer_types": ["linear_attention", "full_attention"] * 2}),
+    "lfm2": ("lfm2", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "max_position_embeddings": 512,
+                      "layer_types": ["conv", "full_attention", "conv", "full_attention"]}),
+}
+REFUSED: dict[str, tuple[str, dict, str]] = {
+    "falcon": ("falcon", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}, "does not go through"),
+    "gptj": ("gptj", {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 512}, "does not go through"),
+    "deepseek_v3": ("deepseek_v3", {**_LLAMA_LIKE, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                                    "qk_nope_head_dim": 16, "v_head_dim": 16, "n_routed_experts": 4,
+                                    "first_k_dense_replace": 3}, "latent"),
+}
+
+
+def config_for(family: str):
+    from transformers import AutoConfig
+
+    model_type, kwargs = {**FAMILIES, **{k: v[:2] for k, v in REFUSED.items()}}[family]
+    return AutoConfig.for_model(model_type, **_COMMON, **kwargs)
+
+
+def tiny_model(family: str, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = config_for(family)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    model.name_or_path = f"tiny-{family}"
+    return model
