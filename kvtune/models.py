@@ -168,10 +168,10 @@ def load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory)
     model.eval()
+    arch.describe(model)  # refuse an architecture kvtune cannot serve before anything else
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    arch.describe(model)
     return model, tokenizer
 
 

@@ -413,7 +413,7 @@ PRESET_FORMS = {
 
 def fit_group_size(head_dim: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
     """The default per-token group for a head size: ``group_size`` where it divides ``head_dim``,
-    else the largest divisor of ``head_dim`` below it (head_dim 80 → 16, 96 → 32, 72 → 24).
+    else the largest divisor of ``head_dim`` below it (head_dim 80 → 20, 96 → 32, 72 → 24).
     An explicitly chosen group is never adjusted: :meth:`Plan.check_model` refuses it instead."""
     return max(d for d in range(1, min(group_size, head_dim) + 1) if head_dim % d == 0)
 

@@ -116,7 +116,9 @@ def is_correct(generated: str, answer: str) -> bool:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cache_factory, max_new_tokens: int, batch_size: int = 4) -> list[list[int]]:
     """Greedy continuations (token ids), each batch with a fresh cache from ``cache_factory()``."""
-    device = next(model.parameters()).device
+    from kvtune.models import input_device
+
+    device = input_device(model)
     outputs = []
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="left").to(device)

@@ -5,7 +5,7 @@ import torch
 
 from kvtune.data import SPLITS, load_corpus, load_windows, split_documents, token_windows
 from kvtune.errors import DataError, ModelError
-from kvtune.models import check_supported_config, load_model, resolve_model_path
+from kvtune.models import load_model, resolve_model_path
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):
@@ -16,19 +16,21 @@ def test_unknown_model_is_a_clear_error(tmp_path):
         resolve_model_path(str(tmp_path / "empty"))
 
 
-def test_unsupported_architecture_is_refused(tmp_path):
-    from transformers import GPT2Config
+def test_architecture_without_kv_cache_interface_is_refused_at_load(tmp_path):
+    from transformers import FalconConfig, FalconForCausalLM
 
-    GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ModelError, match="'gpt2' model; kvtune's mixed-precision cache serves llama"):
-        load_model(str(tmp_path / "gpt2"))
+    FalconForCausalLM(FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)).save_pretrained(tmp_path / "falcon")
+    with pytest.raises(ModelError, match="does not go through transformers' attention interface"):
+        load_model(str(tmp_path / "falcon"))
 
 
-def test_sliding_window_models_are_refused():
-    from transformers import Qwen2Config
+def test_latent_attention_is_refused_from_its_config():
+    from tests.families import config_for
 
-    with pytest.raises(ModelError, match="sliding-window"):
-        check_supported_config(Qwen2Config(use_sliding_window=True, sliding_window=64))
+    from kvtune.arch import check_config
+
+    with pytest.raises(ModelError, match="compressed latent"):
+        check_config(config_for("deepseek_v3"))
 
 
 def test_local_model_directory_loads(tmp_path, tiny_model):

@@ -1,0 +1,159 @@
+"""Every decoder family transformers serves, on tiny random-weight models built from its config:
+detection, simulated prefill = decode through the cache, generate, profile → search → ppl, and the
+sliding-window cache's real bytes. Families that cannot be served are refused with a reason."""
+
+import pytest
+import torch
+
+from kvtune.arch import describe
+from kvtune.cache import MixedPrecisionCache, load_cache
+from kvtune.errors import ModelError
+from kvtune.plan import LayerPlan, ModelShape, Plan
+from kvtune.simulate import simulate_quantization
+from tests.families import FAMILIES, REFUSED, VOCAB, config_for, tiny_model
+
+_MOE_OR_LINEAR = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_next"}  # grouped matmuls: no float64
+
+
+def _dtype(family):
+    return torch.float32 if family in _MOE_OR_LINEAR else torch.float64
+
+
+def _ids(length, seed=1):
+    return torch.randint(3, VOCAB - 1, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_simulated_prefill_equals_decode_through_the_cache(family):
+    model = tiny_model(family, _dtype(family))
+    arch = describe(model)
+    plan = Plan.uniform("k2v2", arch.shape.num_layers, group_size=min(32, arch.shape.head_dim))
+    ids = _ids(140)
+    with torch.no_grad():
+        exact = model(input_ids=ids, use_cache=False).logits
+        with simulate_quantization(model, plan):
+            simulated = model(input_ids=ids, use_cache=False).logits
+        cache = load_cache(model, plan)
+        decoded = torch.cat([model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+                             for t in range(ids.shape[1])], dim=1)
+    # The reference attentions of some families (Gemma 2, gpt-oss) take their softmax in float32.
+    tol = 1e-9 if _dtype(family) == torch.float64 and not arch.extras else 1e-4
+    assert (simulated - decoded).abs().max() < tol * max(1.0, exact.abs().max().item())
+    assert (simulated - exact).abs().max() > 1e-3  # quantized tokens were attended: K2V2 shows
+    assert cache.nbytes() == plan.cache_bytes(arch.shape, ids.shape[1])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sixteen_bit_plan_generates_like_plain_generate(family):
+    model = tiny_model(family, torch.float32)
+    ids = _ids(24, seed=2)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(ids, **kwargs)
+        through_cache = model.generate(ids, past_key_values=load_cache(model, Plan.uniform("k16v16", describe(model).shape.num_layers)), **kwargs)
+    assert torch.equal(plain, through_cache)
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_families_kvtune_cannot_serve_are_refused_with_the_reason(family):
+    with pytest.raises(ModelError, match=REFUSED[family][2]):
+        describe(tiny_model(family, torch.float32))
+
+
+def test_layer_kinds_are_read_from_the_model():
+    gemma3 = describe(tiny_model("gemma3"))
+    assert gemma3.shape.windows == (80, 0, 80, 0) and gemma3.shape.layer_ids is None
+    hybrid = describe(tiny_model("qwen3_next"))
+    assert hybrid.shape.layer_ids == (1, 3) and [i for i, _ in hybrid.left_out] == [0, 2]
+    assert "linear attention" in hybrid.left_out[0][1]
+    assert describe(tiny_model("gemma2")).extras == ("softcap",)
+    assert describe(tiny_model("gpt_oss")).extras == ("s_aux",)
+
+
+def test_softcap_and_sinks_change_the_simulated_attention():
+    from kvtune.simulate import simulated_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 6, 8) * 4, torch.randn(1, 2, 6, 8) * 4, torch.randn(1, 2, 6, 8)
+    layer = LayerPlan.from_pair("k16v16")
+    plain = simulated_attention(q, k, v, layer, 1.0)
+    capped = simulated_attention(q, k, v, layer, 1.0, softcap=2.0)
+    sunk = simulated_attention(q, k, v, layer, 1.0, sinks=torch.tensor([3.0, -1.0]))
+    scores = torch.tanh((q @ k.transpose(-1, -2)) / 2.0) * 2.0
+    expected = torch.softmax(scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -float("inf")), -1) @ v
+    torch.testing.assert_close(capped, expected)
+    assert not torch.allclose(plain, capped) and not torch.allclose(plain, sunk)
+    # A sink takes probability mass: the output shrinks towards zero.
+    assert sunk[:, 0].norm() < plain[:, 0].norm()
+
+
+def test_unknown_attention_arguments_are_refused_not_dropped():
+    from kvtune.arch import attention_extras
+
+    module = torch.nn.Module()
+    module.layer_idx = 3
+    with pytest.raises(ModelError, match="alibi_slopes"):
+        attention_extras(module, {"alibi_slopes": torch.ones(2)}, None)
+    module.train()
+    with pytest.raises(ModelError, match="dropout"):
+        attention_extras(module, {}, None, dropout=0.1)
+
+
+def test_sliding_cache_bytes_at_32k_equal_what_it_holds_and_beat_fp16_sliding():
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    window, context, chunk = 4096, 32768, 1024
+    shape = ModelShape(2, 2, 64, windows=(window, 0))
+    torch.manual_seed(0)
+    for pair in ("k2v2", "k4v2", "k16v16", "k[fp8]v[fp8]"):
+        plan = Plan.uniform(pair, 2)
+        cache = MixedPrecisionCache(plan, shape=shape)
+        fp16_sliding = DynamicSlidingWindowLayer(window)
+        for _ in range(context // chunk):
+            k, v = torch.randn(1, 2, chunk, 64, dtype=torch.float16), torch.randn(1, 2, chunk, 64, dtype=torch.float16)
+            cache.update(k, v, 0)
+            cache.update(k, v, 1)
+            fp16_sliding.update(k, v)
+        assert cache.nbytes() == plan.cache_bytes(shape, context), pair
+        sliding_layer = cache.layers[0]
+        held = sliding_layer.nbytes()
+        fp16_held = fp16_sliding.keys.numel() * 2 + fp16_sliding.values.numel() * 2
+        assert held == plan.layers[0].cache_bytes(context, shape, window=window)
+        if pair == "k16v16":
+            assert held == fp16_held  # the same tokens as transformers' own sliding cache
+        else:
+            assert held < fp16_held
+
+
+def test_head_dim_not_divisible_by_the_default_group_gets_a_fitting_group():
+    from kvtune.plan import PlanError, fit_group_size, resolve_plan
+
+    assert [fit_group_size(d) for d in (64, 80, 96, 72, 16)] == [32, 20, 32, 24, 16]
+    plan = resolve_plan("uniform:k4v2", 3, head_dim=80)
+    assert plan.layers[0].value.group_size == 20
+    plan.check_model(ModelShape(3, 2, 80))
+    with pytest.raises(PlanError, match="group_size 32 does not divide head_dim 80"):
+        Plan.uniform("k4v2", 3, group_size=32).check_model(ModelShape(3, 2, 80))
+
+
+def test_hybrid_plan_file_lists_attention_layers_by_model_index(tmp_path):
+    shape = describe(tiny_model("qwen3_next")).shape
+    plan = Plan.uniform("k4v2", shape.num_layers)
+    plan.shape = shape
+    saved = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert [entry["layer"] for entry in saved.to_dict()["layers"]] == [1, 3]
+    assert saved.shape == shape
+
+
+def test_model_dtype_follows_the_checkpoint_on_accelerators():
+    from kvtune.models import resolve_dtype
+
+    config = config_for("llama")
+    config.dtype = torch.bfloat16
+    assert resolve_dtype(None, "cpu", config) == torch.float32
+    assert resolve_dtype(None, "cuda", config) == torch.bfloat16
+    config.dtype = torch.float32
+    assert resolve_dtype(None, "cuda", config) == torch.bfloat16
+    assert resolve_dtype("float16", "cuda", config) == torch.float16
+    with pytest.raises(ModelError, match="unknown --dtype"):
+        resolve_dtype("int3", "cpu", config)
