@@ -70,3 +70,23 @@ def tiny_model(family: str, dtype=torch.float32):
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     model.name_or_path = f"tiny-{family}"
     return model
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with exactly VOCAB (256) ids, built offline: no merges, one id per byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=bytes_to_unicode()[10], pad_token=bytes_to_unicode()[0])
+
+
+def save_tiny(family: str, path) -> str:
+    """A tiny model of ``family`` with the byte tokenizer, as a local directory any command loads."""
+    tiny_model(family, torch.float32).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)

@@ -157,3 +157,27 @@ def test_model_dtype_follows_the_checkpoint_on_accelerators():
     assert resolve_dtype("float16", "cuda", config) == torch.float16
     with pytest.raises(ModelError, match="unknown --dtype"):
         resolve_dtype("int3", "cpu", config)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_profile_search_and_ppl_run_end_to_end(family, tmp_path):
+    from kvtune.eval import EvalSettings, evaluate_plans
+    from kvtune.profiling import ProfileSettings, run_profile
+    from kvtune.search import SearchSettings, run_search
+    from tests.families import save_tiny
+
+    model_dir = save_tiny(family, tmp_path / "model")
+    profile = run_profile(ProfileSettings(model=model_dir, seq_len=128, windows=2, validate_windows=1, validate_layers=[0]),
+                          tmp_path / "profile", progress=False)
+    shape = profile.shape
+    assert profile.table["taylor"].notna().all() and (profile.table.query("pair == 'K2V2'")["taylor"] > 0).all()
+    result = run_search(SearchSettings(profile=str(tmp_path / "profile"), budget="3.25bits", verify=0, generations=20),
+                        tmp_path / "search", progress=False)
+    plan = Plan.load(tmp_path / "search" / "plan.json")
+    assert plan.shape == shape and plan.nominal_bits() <= 3.25 + 1e-9
+    table = evaluate_plans(EvalSettings(model=model_dir, plans=["fp16", "uniform:k2v2", "uniform:k16v16", str(tmp_path / "search" / "plan.json")],
+                                        seq_len=128, windows=2, tasks=[]), progress=False)
+    ppl = dict(zip(table["plan"], table["ppl"]))
+    assert ppl["uniform:k16v16"] == ppl["fp16"]
+    assert ppl["uniform:k2v2"] != ppl["fp16"]
+    assert result is not None
