@@ -166,7 +166,10 @@ def load_model(
     if device_map is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory)
+        # Modules mapped to "disk" are offloaded there by accelerate and streamed in at each forward.
+        offload = kvtune_home() / "offload" / Path(path).name
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                                     offload_folder=str(offload))
     model.eval()
     arch.describe(model)  # refuse an architecture kvtune cannot serve before anything else
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -181,3 +181,41 @@ def test_profile_search_and_ppl_run_end_to_end(family, tmp_path):
     assert ppl["uniform:k16v16"] == ppl["fp16"]
     assert ppl["uniform:k2v2"] != ppl["fp16"]
     assert result is not None
+
+
+def test_accelerate_dispatch_with_offload_gives_the_same_numbers(tmp_path, monkeypatch):
+    """Layers spread by accelerate (here: CPU and disk offload) profile, score and generate exactly
+    as the model loaded whole; the probe's gradients flow back through the offloaded layers."""
+    from kvtune.models import load_model
+    from kvtune.perplexity import token_nll
+    from kvtune.profiling.probe import Candidates
+    from kvtune.profiling.profile import _new_stage1, _profile_batch
+    from tests.families import save_tiny
+
+    monkeypatch.setenv("KVTUNE_HOME", str(tmp_path / "home"))
+    model_dir = save_tiny("llama", tmp_path / "model")
+    whole, _ = load_model(model_dir)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    spread, _ = load_model(model_dir, device_map=device_map)
+    assert getattr(spread, "hf_device_map", None) and "disk" in spread.hf_device_map.values()
+    ids = _ids(96, seed=3).repeat(2, 1)
+    plan = Plan.uniform("k2v2", 3)
+    torch.testing.assert_close(token_nll(spread, ids, plan), token_nll(whole, ids, plan), rtol=0, atol=1e-6)
+    c = Candidates([(16, 16), (4, 2), (2, 2)], "per-channel", "per-token", 32, 32)
+    stats = []
+    for model in (whole, spread):
+        model.requires_grad_(False)
+        acc = _new_stage1(3, c)
+        _profile_batch(model, ids, c, acc)
+        stats.append(acc)
+    for layer in range(3):
+        for name, row in stats[0]["first_order"][layer].items():
+            assert row == pytest.approx(stats[1]["first_order"][layer][name], rel=1e-5, abs=1e-12)
+        assert stats[0]["joint"][layer] == pytest.approx(stats[1]["joint"][layer], rel=1e-6)
+    assert any(v > 0 for v in stats[1]["first_order"][0]["K2V2"])  # gradients reached the first layer
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            spread.generate(ids[:1, :20], past_key_values=load_cache(spread, plan), **kwargs),
+            whole.generate(ids[:1, :20], past_key_values=load_cache(whole, plan), **kwargs), rtol=0, atol=0)
