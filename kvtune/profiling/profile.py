@@ -258,6 +258,10 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
         )
     model, tokenizer = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
     shape = model_shape(model)
+    left_out = describe(model).left_out
+    if left_out:
+        print(f"kvtune: note: {len(left_out)} layer(s) left outside the plan, they keep no growing K/V: "
+              + "; ".join(f"layer {i}: {why}" for i, why in left_out))
     if shape.head_dim % settings.group_size and settings.group_size == DEFAULT_GROUP_SIZE:
         fitted = fit_group_size(shape.head_dim, settings.group_size)
         print(f"kvtune: note: head_dim {shape.head_dim} is not a multiple of the default group {settings.group_size}; "
@@ -301,6 +305,7 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
         "schema_version": SCHEMA_VERSION,
         "model": canonical_name(settings.model),
         "shape": shape.to_dict(),
+        "left_out": [{"layer": i, "reason": why} for i, why in left_out],
         "pairs": [_pair_name(k, v) for k, v in c.pairs],
         "settings": asdict(settings),
         "data": {"name": settings.data, "split": "calibration", "seq_len": settings.seq_len, "windows": settings.windows,
