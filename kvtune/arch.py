@@ -54,15 +54,6 @@ class Architecture:
         """Model layer index → position in the plan."""
         return {self.shape.model_layer(i): i for i in range(self.shape.num_layers)}
 
-    def summary(self) -> str:
-        kinds = {}
-        for t in self.layer_types:
-            kinds[t] = kinds.get(t, 0) + 1
-        text = ", ".join(f"{n} {t}" for t, n in kinds.items())
-        if self.left_out:
-            text += f"; {len(self.left_out)} layer(s) left outside the plan (no growing K/V)"
-        return text
-
 
 def layer_types(config) -> tuple[list[str], list[dict]]:
     """transformers' own per-layer cache types and their arguments (sliding windows)."""
@@ -121,7 +112,7 @@ def describe(model) -> Architecture:
     config = model.config
     check_config(config, name)
     types, kwargs = layer_types(config)
-    seen = _probe_forward(model, types)
+    seen = _probe_forward(model)
     attention = [i for i, t in enumerate(types) if t in ATTENTION_TYPES]
     missing = [i for i in attention if i not in seen]
     if missing:
@@ -152,7 +143,7 @@ def describe(model) -> Architecture:
     return arch
 
 
-def _probe_forward(model, types: list[str]) -> dict[int, dict]:
+def _probe_forward(model) -> dict[int, dict]:
     """One forward of a few tokens recording, per layer, what the attention and the cache receive."""
     from transformers import AttentionInterface
     from transformers.cache_utils import DynamicCache
@@ -194,10 +185,10 @@ def _probe_forward(model, types: list[str]) -> dict[int, dict]:
             f"{getattr(model, 'name_or_path', 'the model')} cannot switch to another attention implementation "
             f"({e}); kvtune needs transformers' attention interface"
         ) from None
+    from kvtune.models import input_device
+
     vocab = model.get_input_embeddings().weight.shape[0]
-    device = model.get_input_embeddings().weight.device
-    device = torch.device("cpu") if device.type == "meta" else device
-    ids = (torch.arange(8, device=device) % max(vocab - 1, 1) + 1).unsqueeze(0)
+    ids = (torch.arange(8, device=input_device(model)) % max(vocab - 1, 1) + 1).unsqueeze(0)
     try:
         with torch.no_grad():
             model(input_ids=ids, past_key_values=RecordingCache(config=model.config), use_cache=True)

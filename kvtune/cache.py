@@ -159,8 +159,8 @@ class _Stream:
         parts = [quantized.dequantize()] if quantized is not None else []
         if self._engine is not None:
             parts = [self._engine.view]
-        tail = [] if self.tail is None or self.num_tail == 0 else [self.tail]
-        full = torch.cat(parts + tail, dim=-2) if len(parts + tail) > 1 else (parts + tail)[0]
+        tail = [] if self.tail is None else [self.tail]
+        full = torch.cat(parts + tail, dim=-2) if parts else self.tail
         if self.num_tail < new.shape[-2]:
             full = full.clone()
             full[..., -new.shape[-2] :, :] = new  # the current call reads its own tokens unrounded

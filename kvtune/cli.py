@@ -12,6 +12,12 @@ from kvtune.errors import KvtuneError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Layer-wise mixed-precision KV cache quantization.")
 
 
+# Model placement, the same on every command that loads the model.
+_DTYPE = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs).")
+_DEVICE_MAP = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file.")
+_MAX_MEMORY = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+
+
 def _fail(error: KvtuneError) -> None:
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -30,9 +36,9 @@ def ppl(
     windows: int = typer.Option(8, min=1, help="Number of held-out windows."),
     seed: int = typer.Option(0, help="Seed for choosing windows."),
     device: str = typer.Option("cpu"),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs)."),
-    device_map: Optional[str] = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file."),
-    max_memory: Optional[str] = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
+    dtype: Optional[str] = _DTYPE,
+    device_map: Optional[str] = _DEVICE_MAP,
+    max_memory: Optional[str] = _MAX_MEMORY,
     out: Path = typer.Option(Path("outputs/ppl"), help="Folder for the table (CSV) and its metadata (JSON)."),
 ):
     """Held-out perplexity of each plan, with K/V quantized exactly as the cache would store them."""
@@ -61,9 +67,9 @@ def eval_command(
     windows: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs)."),
-    device_map: Optional[str] = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file."),
-    max_memory: Optional[str] = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
+    dtype: Optional[str] = _DTYPE,
+    device_map: Optional[str] = _DEVICE_MAP,
+    max_memory: Optional[str] = _MAX_MEMORY,
     out: Path = typer.Option(Path("outputs/eval"), help="Folder for eval.csv, eval.json, eval.png."),
 ):
     """Held-out PPL and task accuracy of plans (answers generated through the quantized cache) against baselines."""
@@ -118,9 +124,9 @@ def run(
     items: int = typer.Option(12, min=1, help="Items per accuracy task."),
     needle_context: int = typer.Option(1024, min=64, help="Haystack tokens for the needle task."),
     device: str = typer.Option("cpu"),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs)."),
-    device_map: Optional[str] = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file."),
-    max_memory: Optional[str] = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
+    dtype: Optional[str] = _DTYPE,
+    device_map: Optional[str] = _DEVICE_MAP,
+    max_memory: Optional[str] = _MAX_MEMORY,
     out: Path = typer.Option(Path("outputs/run")),
 ):
     """The main job: profile → search → eval → export on the default model and data, each step
@@ -172,9 +178,9 @@ def profile(
     validate_layers: str = typer.Option("", help="Layers measured at every pair (default: first, middle, last)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs)."),
-    device_map: Optional[str] = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file."),
-    max_memory: Optional[str] = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
+    dtype: Optional[str] = _DTYPE,
+    device_map: Optional[str] = _DEVICE_MAP,
+    max_memory: Optional[str] = _MAX_MEMORY,
     out: Path = typer.Option(Path("outputs/profile"), help="Folder for profile.csv, profile.json, heatmap.png."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard partial results in --out instead of resuming."),
 ):
@@ -223,9 +229,9 @@ def search(
     formats: str = typer.Option("", help="Search only these profiled pairs: int, vllm, llama.cpp, engine, all, or a list (default: every profiled pair)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs)."),
-    device_map: Optional[str] = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file."),
-    max_memory: Optional[str] = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
+    dtype: Optional[str] = _DTYPE,
+    device_map: Optional[str] = _DEVICE_MAP,
+    max_memory: Optional[str] = _MAX_MEMORY,
     out: Path = typer.Option(Path("outputs/search"), help="Folder for front.csv, front.png, plan.json, search.json."),
 ):
     """Pareto front of per-layer plans under a budget, and the best measured plan as a plan file."""

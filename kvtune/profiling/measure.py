@@ -38,6 +38,7 @@ class LayerReplay:
                 h.remove()
         self.reference_logprobs = logits[:, :-1].float().log_softmax(-1)
         self.reference_nll = self._nll(self.reference_logprobs)
+        self.replays = True  # until the check below says otherwise
         self.replays = self._replay_matches(fp)
 
     def _replay_matches(self, fp: Plan) -> bool:
@@ -58,7 +59,7 @@ class LayerReplay:
     @torch.no_grad()
     def logprobs_with(self, plan: Plan, start_layer: int) -> torch.Tensor:
         """Log-probs when ``plan`` applies, replaying from model layer ``start_layer`` (all earlier layers exact)."""
-        if not getattr(self, "replays", True):
+        if not self.replays:
             with simulate_quantization(self.model, plan):
                 return self.model(input_ids=self.windows, use_cache=False).logits[:, :-1].float().log_softmax(-1)
         args, kwargs = self.inputs[start_layer]

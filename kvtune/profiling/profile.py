@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from kvtune.data import DEFAULT_DATA, load_windows
 from kvtune.arch import describe
 from kvtune.errors import ProfileError
-from kvtune.models import DEFAULT_MODEL, canonical_name, input_device, load_model, model_shape
+from kvtune.models import DEFAULT_MODEL, canonical_name, input_device, load_model
 from kvtune.plan import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_KEY_MODE,
@@ -257,8 +257,8 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
             f"group {settings.group_size}; use a longer --max-tokens"
         )
     model, tokenizer = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
-    shape = model_shape(model)
-    left_out = describe(model).left_out
+    arch = describe(model)
+    shape, left_out = arch.shape, arch.left_out
     if left_out:
         print(f"kvtune: note: {len(left_out)} layer(s) left outside the plan, they keep no growing K/V: "
               + "; ".join(f"layer {i}: {why}" for i, why in left_out))
