@@ -85,6 +85,23 @@ def check_config(config, name: str = "the model") -> None:
         raise ModelError(f"{name} ({model_type!r}) has no attention layer with a K/V cache: nothing to quantize")
 
 
+def config_shape(config, name: str = "the model") -> ModelShape | None:
+    """The plan shape a model will have, read from its config alone (no weights), for checks made
+    before a model is loaded; None where the config does not say (then the loaded model decides).
+    tests/test_families.py checks it equals :func:`describe`'s shape for every family."""
+    check_config(config, name)
+    text = config.get_text_config(decoder=True)
+    types, kwargs = layer_types(config)
+    attention = [i for i, t in enumerate(types) if t in ATTENTION_TYPES]
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads and getattr(text, "hidden_size", None) else None)
+    if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
+        return None
+    windows = [kwargs[i].get("sliding_window", 0) or 0 for i in attention]
+    return ModelShape(len(attention), kv_heads, head_dim, layer_ids=tuple(attention), windows=tuple(windows))
+
+
 def attention_extras(module, kwargs: dict, attention_mask, dropout: float = 0.0) -> tuple[float | None, torch.Tensor | None]:
     """(softcap, sinks) of one attention call; refuses what kvtune's attentions cannot honour.
 

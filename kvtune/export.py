@@ -218,17 +218,30 @@ def _range_string(runs) -> str:
     return ",".join(f"{a}-{b}:{v}" if a != b else f"{a}:{v}" for a, b, v in runs)
 
 
-def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, backend: str = "quanto") -> Exported:
-    out = Path(out)
+def check_settings(fmt: str, out: str | Path, backend: str = "quanto") -> Path:
+    """The format, backend and output file, checked before anything is computed or written."""
+    from kvtune import inputs
+
     if fmt not in FORMATS:
         raise PlanError(f"unknown export format {fmt!r}; available: {list(FORMATS)}")
+    if fmt == "hf-quantized-cache" and backend not in _HF_BITS:
+        raise PlanError(f"unknown QuantizedCache backend {backend!r}; available: {sorted(_HF_BITS)}")
+    return inputs.check_out_file(out, "export")
+
+
+def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, backend: str = "quanto",
+                overwrite: bool = False) -> Exported:
+    """Write ``plan`` as ``fmt`` to the file ``out``; a file holding something else is replaced only with ``overwrite``."""
+    from kvtune import files, inputs
+
+    out = check_settings(fmt, out, backend)
     if fmt == "kvtune":
-        plan.save(out)
+        text = files.dumps(plan.to_dict())
+        inputs.refuse_replacing(out, text, overwrite)
+        files.write_text(out, text)
         return Exported(fmt, out, [])
     first = plan.layers[0]
     if fmt == "hf-quantized-cache":
-        if backend not in _HF_BITS:
-            raise PlanError(f"unknown QuantizedCache backend {backend!r}; available: {sorted(_HF_BITS)}")
         bits, _, notes = _uniform_widths(plan, _HF_BITS[backend], f"transformers QuantizedCache[{backend}]", nearest, same_kv=True)
         # QuantizedCache groups every tensor along one axis with one group size and window.
         config = {"backend": backend, "nbits": bits, "axis_key": 0, "axis_value": 0,
@@ -294,6 +307,7 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
     if notes and notes[0].startswith("rounded"):
         notes.insert(1, _memory_note(plan, rounded, plan.shape))
     payload["kvtune"] = {"source_plan": plan.name, "notes": notes}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    text = json.dumps(payload, indent=2) + "\n"
+    inputs.refuse_replacing(out, text, overwrite)
+    files.write_text(out, text)
     return Exported(fmt, out, notes)

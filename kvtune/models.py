@@ -8,8 +8,8 @@ saves the converted model under ``$KVTUNE_HOME/models`` and later loads read tha
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -68,7 +68,8 @@ def canonical_name(name: str | None) -> str:
 
 
 def resolve_model_path(name: str | None) -> str:
-    """Local directory (converting the default model once) or a hub id, as a from_pretrained argument."""
+    """Local directory (converting the default model once) or a hub id, as a from_pretrained argument.
+    A local directory must hold a readable config, weights and a tokenizer."""
     name = (name or "default").strip()
     if name.lower() in _DEFAULT_ALIASES:
         target = kvtune_home() / "models" / DEFAULT_MODEL
@@ -79,12 +80,77 @@ def resolve_model_path(name: str | None) -> str:
         return str(target)
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
+        _check_model_dir(path)
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model directory not found: {name}")
     return name  # a hub id; works where the network allows
+
+
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+_TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "*.tiktoken")
+
+
+def _check_model_dir(path: Path) -> None:
+    from kvtune.files import read_json
+
+    if not path.is_dir():
+        raise ModelError(f"--model {path} is a file; give the Hugging Face model directory that holds it")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
+    config = read_json(path / "config.json", ModelError, "model config")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelError(f"{path / 'config.json'} is not a transformers model config (no 'model_type')")
+    if not any(next(path.glob(pattern), None) for pattern in _WEIGHTS):
+        raise ModelError(f"{path} holds a config but no weights (expected {' or '.join(_WEIGHTS)})")
+    if not any(next(path.glob(pattern), None) for pattern in _TOKENIZER):
+        raise ModelError(f"{path} holds no tokenizer (expected one of {', '.join(_TOKENIZER)}); save the tokenizer "
+                         "beside the weights with tokenizer.save_pretrained")
+
+
+def load_config(name: str | None):
+    """The model's transformers config, read without loading weights (a ModelError says why not)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        where = f"{path}/config.json" if Path(path).is_dir() else repr(name)
+        raise ModelError(
+            f"cannot read the config of {name!r} ({where}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            + ("" if Path(path).is_dir() else "; not the default, not a local directory, and not loadable as a hub id here")
+        ) from None
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps``: refused where this PyTorch or machine cannot run it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"--device {device!r} is not a device: expected cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ModelError(f"--device {device}: {why}; use --device cpu, or install a CUDA build of torch")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelError(f"--device {device}: MPS is not available on this machine")
+    elif parsed.type != "cpu":
+        raise ModelError(f"--device {device!r}: kvtune runs on cpu, cuda or mps")
+    return parsed
+
+
+def check_placement(device, dtype, device_map, max_memory) -> None:
+    """Every placement option, checked before anything is loaded."""
+    check_device(device)
+    resolve_dtype(dtype, "cpu")
+    if max_memory is not None and device_map is None:
+        raise ModelError("--max-memory applies to --device-map; give --device-map auto (or a map) with it")
+    parse_device_map(device_map)
+    parse_max_memory(max_memory)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device, config=None) -> torch.dtype:
@@ -110,11 +176,12 @@ def parse_device_map(device_map: str | dict | None):
     text = str(device_map).strip()
     if text in ("auto", "balanced", "balanced_low_0", "sequential"):
         return text
-    source = Path(text).read_text() if Path(text).is_file() else text
-    try:
-        parsed = json.loads(source)
-    except json.JSONDecodeError as e:
-        raise ModelError(f"--device-map {text!r} is neither auto/balanced/sequential nor a JSON object: {e}") from None
+    from kvtune.files import parse_json, read_json
+
+    if Path(text).is_file():
+        parsed = read_json(text, ModelError, "--device-map file")
+    else:
+        parsed = parse_json(text, ModelError, f"--device-map {text!r} (neither auto/balanced/sequential nor a file)")
     if not isinstance(parsed, dict):
         raise ModelError(f"--device-map must be a JSON object of module name → device, got {type(parsed).__name__}")
     return parsed
@@ -130,6 +197,10 @@ def parse_max_memory(max_memory: str | dict | None) -> dict | None:
         if not sep or not value.strip():
             raise ModelError(f"--max-memory {max_memory!r}: expected device=size pairs like 0=70GiB,cpu=200GiB")
         key = key.strip()
+        if not (key.isdigit() or key in ("cpu", "disk", "mps")):
+            raise ModelError(f"--max-memory {max_memory!r}: {key!r} is not a device (a GPU index, cpu or disk)")
+        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", value.strip(), re.IGNORECASE):
+            raise ModelError(f"--max-memory {max_memory!r}: {value.strip()!r} is not a size like 70GiB")
         out[int(key) if key.isdigit() else key] = value.strip()
     return out
 
@@ -147,32 +218,31 @@ def load_model(
     accelerate, within ``max_memory`` per device; layers may then live on different devices, and
     kvtune's cache, probe and simulation follow each layer's tensors.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelError(
-            f"unknown model {name!r}: not the default ({DEFAULT_MODEL}), not a local directory, "
-            f"and not loadable as a hub id here ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
+    check_placement(device, dtype, device_map, max_memory)
+
+    config = load_config(name)
     from kvtune import arch
 
     arch.check_config(config, name or DEFAULT_MODEL)
+    path = resolve_model_path(name)
     device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
     first_device = device if device_map is None else "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(dtype, first_device, config)
-    if device_map is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    else:
-        # Modules mapped to "disk" are offloaded there by accelerate and streamed in at each forward.
-        offload = kvtune_home() / "offload" / Path(path).name
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                                                     offload_folder=str(offload))
+    try:
+        if device_map is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        else:
+            # Modules mapped to "disk" are offloaded there by accelerate and streamed in at each forward.
+            offload = kvtune_home() / "offload" / Path(path).name
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                                         offload_folder=str(offload))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # unreadable weights or tokenizer files, a map naming unknown modules
+        raise ModelError(f"cannot load {name or DEFAULT_MODEL} from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     model.eval()
     arch.describe(model)  # refuse an architecture kvtune cannot serve before anything else
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

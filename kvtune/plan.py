@@ -8,7 +8,6 @@ validating reader, and every problem it finds is a :class:`~kvtune.errors.PlanEr
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +130,7 @@ class LayerPlan:
     residual: int = DEFAULT_RESIDUAL
 
     def __post_init__(self):
-        if not isinstance(self.residual, int) or self.residual < 0:
+        if not isinstance(self.residual, int) or isinstance(self.residual, bool) or self.residual < 0:
             raise PlanError(f"residual must be a non-negative integer, got {self.residual!r}")
 
     @property
@@ -307,25 +306,24 @@ class Plan:
         metadata = data.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise PlanError("plan 'metadata' must be an object")
-        return cls(layers, name=str(data.get("name") or ""), model=str(data.get("model") or ""), shape=shape, metadata=metadata)
+        for text in ("name", "model"):
+            if not isinstance(data.get(text) or "", str):
+                raise PlanError(f"plan '{text}' must be a string, got {data[text]!r}")
+        return cls(layers, name=data.get("name") or "", model=data.get("model") or "", shape=shape, metadata=metadata)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)  # never leave a half-written plan behind
-        return path
+        from kvtune import files
+
+        return files.write_text(path, files.dumps(self.to_dict()))  # never a half-written plan
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        from kvtune.files import read_json
+
         path = Path(path)
         if not path.is_file():
-            raise PlanError(f"plan file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanError(f"plan file {path} is not valid JSON: {e}") from None
+            raise PlanError(f"plan file not found: {path}" if not path.exists() else f"plan {path} is not a file")
+        data = read_json(path, PlanError, "plan file")
         try:
             return cls.from_dict(data)
         except PlanError as e:
@@ -383,7 +381,7 @@ def _layer_from_data(index: int, data: Any) -> LayerPlan:
     if not isinstance(data, dict):
         raise PlanError(f"{where}: expected an object with 'key', 'value' and 'residual', or a pair like 'k4v2'")
     _refuse_unknown(data, {"layer", "key", "value", "residual"}, where)
-    if "layer" in data and data["layer"] != index:
+    if "layer" in data and (not isinstance(data["layer"], int) or isinstance(data["layer"], bool) or data["layer"] != index):
         raise PlanError(
             f"{where}: entry says 'layer': {data['layer']!r}; layers must be listed in order, by their model index "
             "(0..n-1, or shape.layer_ids where only some layers are attention)"

@@ -38,6 +38,11 @@ FP8_MODES = ("per-tensor", "per-head")
 SCALE_DTYPE = torch.float16
 
 
+def _is_int(x) -> bool:
+    """An integer as JSON means one: not a bool, not 4.0."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one of K or V is stored in one layer. ``bits == 16`` keeps the tensor as it is.
@@ -85,14 +90,14 @@ class QuantSpec:
                 object.__setattr__(self, "mode", "per-block")
                 object.__setattr__(self, "group_size", BLOCK[self.format])
             return
-        if self.bits not in BITS:
-            raise PlanError(f"unknown bit width {self.bits!r}: expected one of {list(BITS)}")
+        if not _is_int(self.bits) or self.bits not in BITS:
+            raise PlanError(f"unknown bit width {self.bits!r}: expected one of the integers {list(BITS)}")
         if self.bits == FULL_BITS:  # mode and group mean nothing unquantized: one canonical form
             object.__setattr__(self, "mode", "per-token")
             object.__setattr__(self, "group_size", 32)
         if self.mode not in MODES:
             raise PlanError(f"unknown quantization mode {self.mode!r}: expected one of {list(MODES)}")
-        if not isinstance(self.group_size, int) or self.group_size <= 0:
+        if not _is_int(self.group_size) or self.group_size <= 0:
             raise PlanError(f"group_size must be a positive integer, got {self.group_size!r}")
 
     @property

@@ -6,6 +6,7 @@ MoE blocks, and hybrid stacks with linear-attention or convolution layers."""
 from __future__ import annotations
 
 import torch
+import transformers
 
 VOCAB = 256
 _COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
@@ -46,9 +47,16 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                       "num_key_value_heads": 2, "max_position_embeddings": 512,
                       "layer_types": ["conv", "full_attention", "conv", "full_attention"]}),
 }
+_GPTJ = ("gptj", {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 512})
+# GPT-J called its attention kernel itself until transformers 5.24, which routes it through the
+# attention interface; kvtune decides by probing, so the same code refuses it before and serves it after.
+_GPTJ_SERVED = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24)
+if _GPTJ_SERVED:
+    FAMILIES["gptj"] = _GPTJ
+
 REFUSED: dict[str, tuple[str, dict, str]] = {
     "falcon": ("falcon", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}, "does not go through"),
-    "gptj": ("gptj", {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 512}, "does not go through"),
+    **({} if _GPTJ_SERVED else {"gptj": (*_GPTJ, "does not go through")}),
     "deepseek_v3": ("deepseek_v3", {**_LLAMA_LIKE, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
                                     "qk_nope_head_dim": 16, "v_head_dim": 16, "n_routed_experts": 4,
                                     "first_k_dense_replace": 3}, "latent"),

@@ -17,9 +17,9 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 
 def test_architecture_without_kv_cache_interface_is_refused_at_load(tmp_path):
-    from transformers import FalconConfig, FalconForCausalLM
+    from tests.families import save_tiny
 
-    FalconForCausalLM(FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)).save_pretrained(tmp_path / "falcon")
+    save_tiny("falcon", tmp_path / "falcon")
     with pytest.raises(ModelError, match="does not go through transformers' attention interface"):
         load_model(str(tmp_path / "falcon"))
 
@@ -34,7 +34,10 @@ def test_latent_attention_is_refused_from_its_config():
 
 
 def test_local_model_directory_loads(tmp_path, tiny_model):
+    from tests.families import byte_tokenizer
+
     tiny_model.save_pretrained(tmp_path / "tiny")
+    byte_tokenizer().save_pretrained(tmp_path / "tiny")
     from kvtune.models import resolve_model_path
 
     assert resolve_model_path(str(tmp_path / "tiny")) == str(tmp_path / "tiny")

@@ -6,7 +6,6 @@ agreement; everything downstream (search, plots) reads a profile only through it
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from kvtune.plan import ModelShape, pair_name, parse_pair
 SCHEMA = "kvtune.profile"
 SCHEMA_VERSION = 1
 TABLE_FILE, META_FILE, HEATMAP_FILE = "profile.csv", "profile.json", "heatmap.png"
+MAX_VALUE = 1e6  # no per-token loss estimate or relative error comes near it; larger is corruption
 
 # name -> (dtype kind, must be finite, must be >= 0)
 COLUMNS = {
@@ -70,14 +70,12 @@ class Profile:
     # ---- files ---------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> Path:
+        from kvtune import files
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         _validate(self.table, self.meta, folder)
-        for name, write in ((TABLE_FILE, lambda p: self.table.to_csv(p, index=False)),
-                            (META_FILE, lambda p: p.write_text(json.dumps(self.meta, indent=2) + "\n"))):
-            tmp = folder / (name + ".tmp")
-            write(tmp)
-            tmp.replace(folder / name)
+        files.write_with(folder / TABLE_FILE, lambda p: self.table.to_csv(p, index=False))
+        files.write_text(folder / META_FILE, files.dumps(self.meta))  # last: its presence marks a finished profile
         return folder
 
     @classmethod
@@ -88,10 +86,9 @@ class Profile:
         table_path, meta_path = folder / TABLE_FILE, folder / META_FILE
         if not table_path.is_file() or not meta_path.is_file():
             raise ProfileError(f"no profile at {folder}: expected {TABLE_FILE} and {META_FILE} (run `kvtune profile`)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ProfileError(f"{meta_path} is not valid JSON: {e}") from None
+        from kvtune.files import read_json
+
+        meta = read_json(meta_path, ProfileError, "profile metadata")
         try:
             table = pd.read_csv(table_path)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -110,10 +107,22 @@ def _validate(table: pd.DataFrame, meta, where: Path) -> None:
             f"{where}: profile schema_version {meta.get('schema_version')!r} is not supported (this kvtune reads {SCHEMA_VERSION})"
         )
     try:
-        shape = ModelShape.from_dict(meta["shape"], "profile shape")
-        pairs = [pair_name(*parse_pair(p)) for p in meta["pairs"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ProfileError(f"{where}/{META_FILE}: missing or malformed 'shape'/'pairs' ({e})") from None
+        shape = ModelShape.from_dict(meta.get("shape"), "'shape'")
+    except (TypeError, ValueError) as e:  # PlanError is a ValueError
+        raise ProfileError(f"{where}/{META_FILE}: {e}") from None
+    pairs = meta.get("pairs")
+    if not isinstance(pairs, list) or not pairs or not all(isinstance(p, str) for p in pairs):
+        raise ProfileError(f"{where}/{META_FILE}: 'pairs' must be a non-empty list of pair names like \"K4V2\"")
+    for p in pairs:
+        try:
+            canonical = pair_name(*parse_pair(p))
+        except ValueError as e:
+            raise ProfileError(f"{where}/{META_FILE}: 'pairs': {e}") from None
+        if p != canonical:
+            raise ProfileError(f"{where}/{META_FILE}: 'pairs' lists {p!r}; pairs are written {canonical!r}")
+    if len(set(pairs)) != len(pairs):
+        raise ProfileError(f"{where}/{META_FILE}: 'pairs' lists a pair twice")
+    _validate_settings(meta.get("settings"), f"{where}/{META_FILE}")
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise ProfileError(f"{where}/{TABLE_FILE}: missing columns {missing}")
@@ -131,11 +140,32 @@ def _validate(table: pd.DataFrame, meta, where: Path) -> None:
             raise ProfileError(f"{where}/{TABLE_FILE}: column {column!r} has missing or non-finite values")
         if nonneg and kind in "if" and (values.dropna() < 0).any():
             raise ProfileError(f"{where}/{TABLE_FILE}: column {column!r} has negative values")
+        if kind == "f" and (values.dropna().abs() > MAX_VALUE).any():
+            raise ProfileError(f"{where}/{TABLE_FILE}: column {column!r} has values above {MAX_VALUE:g}, which no "
+                               "per-token loss or relative error reaches; the file is corrupt")
     seen = set(zip(table["layer"].tolist(), table["pair"].tolist()))
     want = {(layer, pair) for layer in range(shape.num_layers) for pair in pairs}
     if seen != want:
         wrong = sorted(want ^ seen, key=str)[:3]
         raise ProfileError(f"{where}/{TABLE_FILE}: rows do not cover every layer × pair once (e.g. {wrong})")
+
+
+def _validate_settings(settings, where: str) -> None:
+    """The profile's settings, field by field: search builds every plan from them."""
+    from kvtune.quant import MODES
+
+    if not isinstance(settings, dict):
+        raise ProfileError(f"{where}: 'settings' must be the object of settings the profile was made with")
+    for key, low in (("group_size", 1), ("residual", 0)):
+        value = settings.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ProfileError(f"{where}: settings.{key} must be an integer of at least {low}, got {value!r}")
+    for key in ("key_mode", "value_mode"):
+        if settings.get(key) not in MODES:
+            raise ProfileError(f"{where}: settings.{key} must be one of {list(MODES)}, got {settings.get(key)!r}")
+    for key in ("model", "data"):
+        if not isinstance(settings.get(key), str) or not settings[key]:
+            raise ProfileError(f"{where}: settings.{key} must name the {key} the profile was made from")
 
 
 def save_heatmap(profile: Profile, path: str | Path) -> Path:
@@ -156,7 +186,9 @@ def save_heatmap(profile: Profile, path: str | Path) -> Path:
         fig.colorbar(image, ax=ax)
     fig.suptitle(f"{profile.meta.get('model')} sensitivity ({profile.meta.get('tokens')} calibration tokens)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from kvtune import files
+
+    files.write_with(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
     return Path(path)
 

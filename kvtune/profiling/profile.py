@@ -56,6 +56,7 @@ from kvtune.profiling.probe import Candidates, Probe, probing
 DEFAULT_PAIRS = ("k16v16", "k8v8", "k8v4", "k4v8", "k4v4", "k4v2", "k2v4", "k2v2")
 ESTIMATOR = "taylor_fisher"
 STATE_DIR = "state"
+VALIDATION_KEYS = ("validate_windows", "validate_pair", "validate_layers")
 
 
 @dataclass
@@ -86,40 +87,131 @@ class ProfileSettings:
         return Candidates(pairs, self.key_mode, self.value_mode, self.group_size, self.residual)
 
     def fingerprint(self) -> dict:
-        """What the partial results depend on; device and progress do not count."""
+        """What the gradient stage depends on: not placement, not the measured validation (whose
+        settings may change between runs without redoing the gradients)."""
         d = asdict(self)
-        for placement in ("device", "device_map", "max_memory"):
-            d.pop(placement)
+        for key in ("device", "device_map", "max_memory") + VALIDATION_KEYS:
+            d.pop(key)
         return d
+
+    def check(self, out: str | Path, overwrite: bool = False):
+        """Every input checked before the model loads (see :mod:`kvtune.inputs`); returns the
+        settings with the group fitted to the model's head size, and the model's shape."""
+        from kvtune import inputs
+        from kvtune.data import check_data
+
+        inputs.check_out_dir(out, "profile", settings=None)
+        self.candidates()
+        for name, value, low in (("--max-tokens", self.seq_len, 1), ("--windows", self.windows, 1),
+                                 ("--batch-size", self.batch_size, 1), ("--group-size", self.group_size, 1),
+                                 ("--residual", self.residual, 0), ("--validate-windows", self.validate_windows, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ProfileError(f"{name} must be an integer of at least {low}, got {value!r}")
+        if self.seq_len <= self.residual + self.group_size:
+            raise ProfileError(
+                f"windows of {self.seq_len} tokens leave nothing to quantize with residual {self.residual} and "
+                f"group {self.group_size}; use a longer --max-tokens"
+            )
+        if self.validate_windows > self.windows:
+            raise ProfileError(f"--validate-windows {self.validate_windows} is more than the {self.windows} calibration "
+                               "windows it measures on; lower it or raise --windows")
+        try:
+            parse_pair(self.validate_pair)
+        except ValueError as e:  # PlanError
+            raise ProfileError(f"--validate-pair: {e}") from None
+        shape = inputs.model_shape(self.model, self.device, self.dtype, self.device_map, self.max_memory)
+        inputs.check_layers(self.validate_layers, shape)
+        check_data(self.data)
+        settings = self
+        if shape is not None and shape.head_dim % self.group_size and self.group_size == DEFAULT_GROUP_SIZE:
+            fitted = fit_group_size(shape.head_dim, self.group_size)
+            print(f"kvtune: note: head_dim {shape.head_dim} is not a multiple of the default group {self.group_size}; "
+                  f"per-token groups of {fitted} are used (--group-size overrides)")
+            settings = replace(self, group_size=fitted)
+        _State(Path(out), settings, overwrite)  # an earlier profile of other settings is refused here
+        return settings, shape
 
 
 _pair_name = pair_name
 
 
 class _State:
-    """Partial results in ``out/state/``, written atomically after every unit of work."""
+    """Partial results in ``out/state/progress.json``, written atomically after every unit of work.
+
+    The gradient stage is kept while its settings hold; measured validations are kept while the
+    number of validation windows holds (another --validate-pair or --validate-layers only adds
+    measurements)."""
 
     def __init__(self, folder: Path, settings: ProfileSettings, fresh: bool):
         self.folder = folder / STATE_DIR
         self.path = self.folder / "progress.json"
         fingerprint = settings.fingerprint()
-        if self.path.is_file() and not fresh:
-            try:
-                self.data = json.loads(self.path.read_text())
-            except json.JSONDecodeError as e:
-                raise ProfileError(f"{self.path} is corrupt ({e}); rerun with --fresh to start over") from None
-            if self.data.get("settings") != fingerprint:
-                raise ProfileError(
-                    f"{folder} holds a partial profile made with other settings; use --fresh to discard it or another --out"
-                )
-        else:
-            self.data = {"settings": fingerprint, "batches_done": 0, "stage1": None, "measured": {}, "timings": {}}
+        new = {"settings": fingerprint, "validation_windows": settings.validate_windows, "batches_done": 0,
+               "stage1": None, "measured": {}, "timings": {}}
+        if fresh or not self.path.is_file():
+            self.data = new
+            self._check_finished(folder, settings, fresh)
+            return
+        self.data = _read_progress(self.path, settings)
+        earlier = {k: v for k, v in self.data["settings"].items() if k not in VALIDATION_KEYS}
+        if earlier != json.loads(json.dumps(fingerprint)):
+            changed = sorted(k for k in set(earlier) | set(fingerprint) if earlier.get(k) != json.loads(json.dumps(fingerprint)).get(k))
+            raise ProfileError(
+                f"{folder} holds a profile made with other settings ({', '.join(changed)}); use --overwrite to discard "
+                "it, or another --out"
+            )
+        windows = self.data.get("validation_windows", self.data["settings"].get("validate_windows"))
+        if windows != settings.validate_windows:
+            self.data["measured"] = {}  # measured on another number of windows
+        self.data.update(settings=fingerprint, validation_windows=settings.validate_windows)
+
+    @staticmethod
+    def _check_finished(folder: Path, settings: ProfileSettings, fresh: bool) -> None:
+        """A finished profile whose state was removed: refuse to replace it with other settings."""
+        from kvtune import inputs
+        from kvtune.profiling.artifact import META_FILE
+
+        if not fresh:
+            inputs.check_out_dir(folder, "profile", META_FILE, settings, overwrite=False)
 
     def save(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data))
-        tmp.replace(self.path)
+        from kvtune import files
+
+        files.write_text(self.path, json.dumps(self.data))
+
+
+def _read_progress(path: Path, settings: ProfileSettings) -> dict:
+    """progress.json checked field by field: a corrupt file is named, never half-trusted."""
+    from kvtune.files import read_json
+
+    data = read_json(path, ProfileError, "profile progress file")
+
+    def bad(what: str):
+        return ProfileError(f"{path}: {what}; rerun with --overwrite to start the profile over")
+
+    if not isinstance(data, dict):
+        raise bad(f"expected a JSON object, got {type(data).__name__}")
+    for key, kind in (("settings", dict), ("batches_done", int), ("measured", dict), ("timings", dict)):
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise bad(f"'{key}' must be a JSON {'object' if kind is dict else 'integer'}")
+    batches = -(-settings.windows // settings.batch_size)
+    if not 0 <= data["batches_done"] <= batches:
+        raise bad(f"'batches_done' is {data['batches_done']}, outside 0..{batches}")
+    stage1 = data.get("stage1")
+    if data["batches_done"] and not isinstance(stage1, dict):
+        raise bad("'stage1' is missing although batches are done")
+    if stage1 is not None:
+        if not isinstance(stage1, dict) or set(stage1) != {"tokens", "reference", "key_only", "value_only", "joint", "first_order"}:
+            raise bad("'stage1' does not hold the gradient stage's sums")
+        lengths = {len(v) for k, v in stage1.items() if k != "tokens" and isinstance(v, list)}
+        if len(lengths) != 1 or not isinstance(stage1["tokens"], int):
+            raise bad("'stage1' lists differ in length")
+    for key, value in data["measured"].items():
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(x, (int, float)) for x in value)):
+            raise bad(f"measured entry {key!r} is not a pair of numbers")
+    if not all(isinstance(v, (int, float)) for v in data["timings"].values()):
+        raise bad("'timings' must map names to seconds")
+    return data
 
 
 def _warn_short_windows(shape, settings) -> None:
@@ -229,20 +321,27 @@ def _table(acc: dict, measured: dict, c: Candidates) -> pd.DataFrame:
     return table
 
 
-def _summary(table: pd.DataFrame, c: Candidates) -> dict:
+def _summary(table: pd.DataFrame, c: Candidates, settings: ProfileSettings) -> dict:
     measured = table[table["measured_kl"].notna() & (table["pair"] != "K16V16")]
     correlations = {
         f"{est}_vs_{target}": spearman(measured[est].to_numpy(), measured[f"measured_{target}"].to_numpy())
         for est in ("taylor", "taylor_signed", "taylor_abs", "taylor_elem", "taylor_fisher", "attn_err")
         for target in ("dnll", "kl")
     }
+    # A rank correlation needs three measured points; none is written rather than NaN.
+    correlations = {name: rho for name, rho in correlations.items() if math.isfinite(rho)}
+    note = {}
+    if not correlations:
+        note["spearman_note"] = ("no measured validation (--validate-windows 0)" if settings.validate_windows == 0
+                                 else f"{len(measured)} measured point(s): a rank correlation needs at least 3")
     key_vs_value = {}
     labels = table["pair"].map(parse_pair)
     for b in sorted(set(c.key_bits) & set(c.value_bits), key=lambda x: (isinstance(x, str), str(x))):
         k = table[labels.map(lambda kv: kv[0] == b)].groupby("layer")["attn_err_k"].first()
         v = table[labels.map(lambda kv: kv[1] == b)].groupby("layer")["attn_err_v"].first()
         key_vs_value[str(b)] = {"mean_attn_err_key_only": float(k.mean()), "mean_attn_err_value_only": float(v.mean())}
-    return {"estimator": ESTIMATOR, "spearman": correlations, "measured_points": int(len(measured)), "key_vs_value": key_vs_value}
+    return {"estimator": ESTIMATOR, "spearman": correlations, **note, "measured_points": int(len(measured)),
+            "key_vs_value": key_vs_value}
 
 
 def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False, progress: bool = True) -> Profile:
@@ -250,25 +349,17 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
     import transformers
 
     out = Path(out)
-    c = settings.candidates()  # bad pairs fail before the model loads
-    if settings.seq_len <= settings.residual + settings.group_size:
-        raise ProfileError(
-            f"windows of {settings.seq_len} tokens leave nothing to quantize with residual {settings.residual} and "
-            f"group {settings.group_size}; use a longer --max-tokens"
-        )
+    settings, expected_shape = settings.check(out, overwrite=fresh)
+    c = settings.candidates()
+    state = _State(out, settings, fresh)  # refuses other settings' results before the model loads
     model, tokenizer = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
     arch = describe(model)
     shape, left_out = arch.shape, arch.left_out
+    if expected_shape is not None and shape != expected_shape:  # the config-read shape fitted the group
+        raise ProfileError(f"{settings.model}: the loaded model's shape {shape} differs from its config's {expected_shape}")
     if left_out:
         print(f"kvtune: note: {len(left_out)} layer(s) left outside the plan, they keep no growing K/V: "
               + "; ".join(f"layer {i}: {why}" for i, why in left_out))
-    if shape.head_dim % settings.group_size and settings.group_size == DEFAULT_GROUP_SIZE:
-        fitted = fit_group_size(shape.head_dim, settings.group_size)
-        print(f"kvtune: note: head_dim {shape.head_dim} is not a multiple of the default group {settings.group_size}; "
-              f"per-token groups of {fitted} are used (--group-size overrides)")
-        settings = replace(settings, group_size=fitted)
-        c = settings.candidates()
-    state = _State(out, settings, fresh)
     _warn_short_windows(shape, settings)
     model.requires_grad_(False)  # gradients are wanted for K/V only
     windows = load_windows(tokenizer, "calibration", settings.seq_len, settings.windows, settings.seed, settings.data)
@@ -277,18 +368,16 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
     acc = state.data["stage1"] or _new_stage1(shape.num_layers, c)
     batches = list(range(0, len(windows), settings.batch_size))
     start = time.perf_counter()
-    for index in tqdm(range(len(batches)), desc="profile: gradients + attention errors", disable=not progress,
-                      initial=state.data["batches_done"], total=len(batches)):
-        if index < state.data["batches_done"]:
-            continue
+    for index in tqdm(range(state.data["batches_done"], len(batches)), desc="profile: gradients + attention errors",
+                      disable=not progress, initial=state.data["batches_done"], total=len(batches)):
         _profile_batch(model, windows[batches[index] : batches[index] + settings.batch_size].to(device), c, acc)
         state.data.update(stage1=acc, batches_done=index + 1)
         state.data["timings"]["stage1_s"] = state.data["timings"].get("stage1_s", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         state.save()
 
-    targets = [] if settings.validate_windows == 0 else _validation_targets(settings, shape.num_layers)
-    targets = [t for t in targets if f"{t[0]}:{t[1]}" not in state.data["measured"]]
+    wanted = [] if settings.validate_windows == 0 else _validation_targets(settings, shape.num_layers)
+    targets = [t for t in wanted if f"{t[0]}:{t[1]}" not in state.data["measured"]]
     if targets:
         start = time.perf_counter()
         replay = LayerReplay(model, windows[: settings.validate_windows].to(device))
@@ -299,7 +388,8 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
             start = time.perf_counter()
             state.save()
 
-    table = _table(acc, state.data["measured"], c)
+    measured = {f"{layer}:{name}": state.data["measured"][f"{layer}:{name}"] for layer, name in wanted}
+    table = _table(acc, measured, c)
     meta = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -312,7 +402,7 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
                  "validation_windows": settings.validate_windows},
         "tokens": acc["tokens"],
         "timings": state.data["timings"],
-        "summary": _summary(table, c),
+        "summary": _summary(table, c, settings),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
     }
     profile = Profile(table, meta)

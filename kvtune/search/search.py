@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from kvtune.errors import ModelError
 from kvtune.plan import LayerPlan, ModelShape, Plan, parse_pair
 from kvtune.profiling.artifact import Profile
 from kvtune.search.budget import Budget, BudgetError, parse_budget
@@ -95,9 +96,8 @@ def allowed_pairs(profile: Profile, formats: str | None) -> list[int]:
     return [profile.pairs.index(p) for p in wanted]
 
 
-def memory_tables(profile: Profile, budget: Budget, context: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(nominal-bit shares, bytes per layer) as (layers, pairs) arrays, and the context used for bytes."""
-    shape, candidates = profile.shape, layer_plans(profile)
+def memory_tables(candidates: list[LayerPlan], shape: ModelShape, budget: Budget, context: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(nominal-bit shares, bytes per layer) of each candidate as (layers, pairs) arrays, and the context used for bytes."""
     context = budget.context or context
     bits = np.array([c.nominal_bits for c in candidates]) / shape.num_layers
     n = shape.num_layers
@@ -143,22 +143,63 @@ def check_against_exact(space: SearchSpace, F: np.ndarray, budgets: np.ndarray) 
     return pd.DataFrame(rows)
 
 
-def run_search(settings: SearchSettings, out: str | Path, progress: bool = True) -> SearchResult:
-    budget = parse_budget(settings.budget, settings.batch)  # a bad budget fails before any work
+def check_budget_fits(budget: Budget, text: str, memory: np.ndarray) -> list[str]:
+    """Refuse a budget below the smallest plan of the (layers, pairs) ``memory``; notes for one above the largest."""
+    smallest, largest = memory.min(axis=1).sum(), memory.max(axis=1).sum()
+    if smallest > budget.value * (1 + 1e-12):
+        raise BudgetError(
+            f"budget {text} is impossible with the profiled pairs: the smallest feasible budget is "
+            f"{_budget_text(budget, smallest)}"
+        )
+    if budget.value > largest * (1 + 1e-9):
+        return [f"budget {text} is above the largest plan ({_budget_text(budget, largest)}, every layer at its widest "
+                "pair): the search is unconstrained and picks the best predicted plan"]
+    return []
+
+
+def check_settings(settings: SearchSettings, out: str | Path, overwrite: bool = False) -> tuple[Budget, Profile]:
+    """Every input of a search checked before any work: budget, profile (and its fit to the model it
+    names), formats, placement, data, and the output folder."""
+    from kvtune import inputs
+    from kvtune.data import check_data
+
+    budget = parse_budget(settings.budget, settings.batch)
     profile = Profile.load(settings.profile)
+    allowed_pairs(profile, settings.formats)
+    for name, value, low in (("--verify", settings.verify, 0), ("--verify-windows", settings.verify_windows, 1),
+                             ("--groups", settings.groups, 1), ("--generations", settings.generations, 1),
+                             ("--pop-size", settings.pop_size, 4), ("--context", settings.context, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise BudgetError(f"{name} must be an integer of at least {low}, got {value!r}")
+    model = settings.model or profile.meta["settings"]["model"]
+    # The profile's shape against its model's config: a plan of the wrong layer count is never written,
+    # with or without verification (which would load the model anyway).
+    placement = (settings.device, settings.dtype, settings.device_map, settings.max_memory) if settings.verify else (None,) * 4
+    try:
+        shape = inputs.model_shape(model, *placement)
+    except ModelError:
+        if settings.verify:
+            raise
+        shape = None  # without verification no model is needed: a hub id needs no network to search its profile
+    if shape is not None:
+        profile.check_model(shape, model)
+    if settings.verify:
+        check_data(settings.data or profile.meta["settings"]["data"])
+    inputs.check_out_dir(out, "search", META_FILE, settings, overwrite)
+    return budget, profile
+
+
+def run_search(settings: SearchSettings, out: str | Path, progress: bool = True, overwrite: bool = False) -> SearchResult:
+    budget, profile = check_settings(settings, out, overwrite)  # everything fails here, before any work
     out = Path(out)
     started = time.perf_counter()
     allowed = allowed_pairs(profile, settings.formats)
     pairs = [parse_pair(profile.pairs[j]) for j in allowed]
     cost = profile.matrix("taylor")[:, allowed]
-    bits, nbytes, context = memory_tables(profile, budget, settings.context)
+    bits, nbytes, context = memory_tables(layer_plans(profile), profile.shape, budget, settings.context)
     memory = (bits if budget.kind == "bits" else nbytes)[:, allowed]
+    notes = check_budget_fits(budget, settings.budget, memory)
     smallest = memory.min(axis=1).sum()
-    if smallest > budget.value * (1 + 1e-12):
-        raise BudgetError(
-            f"budget {settings.budget} is impossible with the profiled pairs: the smallest feasible budget is "
-            f"{_budget_text(budget, smallest)}"
-        )
 
     space = build_space(pairs, cost, memory, settings.groups)
     bar = tqdm(total=settings.generations, desc="search: NSGA-II", disable=not progress, leave=False)
@@ -231,6 +272,8 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True)
         "search": {k: v for k, v in asdict(settings).items() if k not in ("profile", "device")},
     }
     meta = {
+        "settings": asdict(settings),
+        "notes": notes,
         "budget": {"text": settings.budget, **asdict(budget)},
         "space": {
             "log10_full": space.full_size,
@@ -298,11 +341,13 @@ def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progr
 
 
 def _write(out: Path, front, plan, meta, profile, references, budget, context) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    front.to_csv(out / FRONT_FILE, index=False)
+    from kvtune import files
+
+    files.write_with(out / FRONT_FILE, lambda p: front.to_csv(p, index=False))
     plan.save(out / PLAN_FILE)
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=float) + "\n")
     _plot(out / PLOT_FILE, front, profile, references, budget, context)
+    # Last, and with the settings: its presence marks a finished search (kvtune.inputs.check_out_dir).
+    files.write_text(out / META_FILE, json.dumps(json.loads(json.dumps(meta, default=float)), indent=2) + "\n")
 
 
 def uniform_reference(profile: Profile, pair: str, context: int, batch: int) -> dict:
@@ -337,5 +382,7 @@ def _plot(path: Path, front: pd.DataFrame, profile: Profile, references: list[st
     ax.legend(fontsize=8)
     ax.set_title(f"{profile.meta.get('model')}: Pareto front vs uniform plans", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from kvtune import files
+
+    files.write_with(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
