@@ -93,6 +93,15 @@ class ModelShape:
             out["windows"] = list(self.windows)
         return out
 
+    def describe(self) -> str:
+        """``30 attention layers × 3 KV heads × head_dim 64`` (and where the layers sit, where it matters)."""
+        text = f"{self.num_layers} attention layers × {self.num_kv_heads} KV heads × head_dim {self.head_dim}"
+        if self.layer_ids is not None:
+            text += f" (model layers {list(self.layer_ids)})"
+        if self.windows is not None:
+            text += f" (sliding windows {list(self.windows)})"
+        return text
+
     def model_layer(self, i: int) -> int:
         """The model's index of planned layer ``i``."""
         return i if self.layer_ids is None else self.layer_ids[i]
@@ -247,7 +256,7 @@ class Plan:
                 f"{shape.num_layers}; a plan only fits a model with the same layer count"
             )
         if self.shape is not None and self.shape != shape:
-            raise PlanError(f"plan was written for {self.shape}, but {model_name} is {shape}")
+            raise PlanError(f"plan was written for a model of {self.shape.describe()}, but {model_name} has {shape.describe()}")
         for i, layer in enumerate(self.layers):
             for which, spec in (("key", layer.key), ("value", layer.value)):
                 if spec.is_engine and spec.format != "fp8" and shape.head_dim % spec.group_size:

@@ -65,7 +65,8 @@ class Profile:
 
     def check_model(self, shape: ModelShape, name: str = "the model") -> None:
         if shape != self.shape:
-            raise ProfileError(f"profile was made for {self.meta.get('model')} {self.shape}, not {name} {shape}")
+            raise ProfileError(f"the profile was made for a model of {self.shape.describe()}, but {name} has "
+                               f"{shape.describe()}; profile this model (kvtune profile --model ...) and search that profile")
 
     # ---- files ---------------------------------------------------------------------------
 
