@@ -4,7 +4,7 @@
 format                 what it writes
 =====================  ==========================================================================
 ``kvtune``             the versioned per-layer JSON plan (docs/plan-format.md); load it with
-                       ``kvtune.cache.load_cache(model, Plan.load(path))``
+                       ``kvtune.load_cache(model, path)``
 ``hf-quantized-cache`` keyword arguments for transformers' own ``QuantizedCache`` (KIVI-style,
                        ``generate(cache_implementation="quantized", cache_config=...)``): one
                        width for K and V in every layer
