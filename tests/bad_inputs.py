@@ -121,6 +121,11 @@ def _edit(path: Path, change: Callable[[dict], object]) -> None:
     path.write_text(json.dumps(data))
 
 
+def _eight_layers(plan: dict) -> None:
+    plan["shape"] = None
+    plan["layers"] = ["k4v2"] * 8
+
+
 def _nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
@@ -166,6 +171,23 @@ CASES: list[Case] = [
     Case("search-other-shape", "search --verify 0 with a 5-layer profile of a 3-layer model",
          lambda w: ["search", "--budget", "3.25bits", "--profile", str(w.other_profile), "--verify", "0", "--out", str(w.root / "s1")],
          r"profile was made for a model of 5 attention layers .* but .*tiny-llama has 3 attention layers"),
+    Case("eval-tasks", "eval --tasks with an unknown task",
+         lambda w: ["eval", M, str(w.model), "--tasks", "analogy,trivia", "--out", str(w.root / "e1")],
+         r"unknown task\(s\) \['trivia'\]; available: \['analogy', 'needle', 'agreement'\]"),
+    Case("eval-nothing", "eval with no baselines and no --plan",
+         lambda w: ["eval", M, str(w.model), "--baselines", "", "--out", str(w.root / "e2")],
+         r"nothing to evaluate: give at least one --plan"),
+    Case("export-format", "export --format with an unknown engine",
+         lambda w: ["export", "--plan", "uniform:k4v2", "--format", "tensorrt", "--out", str(w.root / "x1.json")],
+         r"unknown export format 'tensorrt'; available: \['kvtune', 'hf-quantized-cache'"),
+    Case("search-formats", "search --formats naming pairs the profile lacks",
+         lambda w: ["search", "--budget", "3.25bits", "--profile", str(w.profile), "--verify", "0", "--formats", "vllm",
+                    "--out", str(w.root / "s6")],
+         r"--formats vllm asks for pairs the profile does not have"),
+    Case("ppl-plan-layers", "ppl --plan with a plan file of another layer count",
+         lambda w: ["ppl", "--plan", w.plan_file("seven.json", _eight_layers),
+                    M, str(w.model), "--out", str(w.root / "o9")],
+         r"--plan .*seven\.json: plan .* has 8 layers but .*tiny-llama has 3"),
     Case("device-cuda", "--device cuda on a CPU-only torch",
          lambda w: ["ppl", "--plan", "fp16", M, str(w.model), "--device", "cuda", "--out", str(w.root / "o1")],
          r"--device cuda: (this PyTorch build has no CUDA|no GPU is visible)"),
