@@ -174,21 +174,24 @@ def nbytes(name: str, tokens: int, head_dim: int, rows: int = 1, per_head: bool 
 # ---- named sets of candidate pairs (`--formats`) -------------------------------------------------
 
 _INT_PAIRS = ("k16v16", "k8v8", "k8v4", "k4v8", "k4v4", "k4v2", "k2v4", "k2v2")
+# int with 3-bit K and V (packed as a 2-bit and a 1-bit plane): steps of one bit between 4 and 2.
+_INT_PLUS_PAIRS = ("k16v16", "k8v8", "k8v4", "k4v8", "k4v4", "k4v3", "k3v4", "k3v3", "k4v2", "k2v4", "k3v2", "k2v3", "k2v2")
 # vLLM / ModelOpt per-layer algorithms: FP8, NVFP4, FP8 keys with NVFP4 values; skipped layers stay 16-bit.
 _VLLM_PAIRS = ("k16v16", "k[fp8]v[fp8]", "k[fp8]v[nvfp4]", "k[nvfp4]v[nvfp4]")
 _LLAMA_CPP_TYPES = ("16", "[q8_0]", "[q4_0]", "[q4_1]")  # f16 and the block types; K and V chosen apart
 _LLAMA_CPP_PAIRS = tuple(f"k{k}v{v}" for k in _LLAMA_CPP_TYPES for v in _LLAMA_CPP_TYPES)
 FORMAT_SETS = {
     "int": _INT_PAIRS,
+    "int+": _INT_PLUS_PAIRS,
     "vllm": _VLLM_PAIRS,
     "llama.cpp": _LLAMA_CPP_PAIRS,
     "engine": tuple(dict.fromkeys(_VLLM_PAIRS + _LLAMA_CPP_PAIRS)),
-    "all": tuple(dict.fromkeys(_INT_PAIRS + _VLLM_PAIRS + _LLAMA_CPP_PAIRS)),
+    "all": tuple(dict.fromkeys(_INT_PLUS_PAIRS + _VLLM_PAIRS + _LLAMA_CPP_PAIRS)),
 }
 
 
 def resolve_formats(text: str) -> list[str]:
-    """A set name (``int``, ``vllm``, ``llama.cpp``, ``engine``, ``all``) or a comma-separated list
+    """A set name (``int``, ``int+``, ``vllm``, ``llama.cpp``, ``engine``, ``all``) or a comma-separated list
     of pairs → canonical pair names, in order, without repeats."""
     from kvtune.errors import PlanError
     from kvtune.plan import pair_name, parse_pair

@@ -30,7 +30,11 @@ import torch
 
 from kvtune.errors import PlanError
 
-INT_BITS = (2, 4, 8)
+INT_BITS = (2, 3, 4, 5, 6, 8)
+# Widths that are not a power of two are stored as bit planes, each packed like a power-of-two
+# width and placed one after the other in the token's row: 3 = a 2-bit plane (the low bits) then a
+# 1-bit plane (the high bit). Every code takes exactly ``bits`` bits and rows stay token-major.
+PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
 FULL_BITS = 16
 BITS = INT_BITS + (FULL_BITS,)
 MODES = ("per-token", "per-channel")
@@ -149,8 +153,8 @@ def check_shape(tokens: int, head_dim: int, spec: QuantSpec) -> None:
         if spec.format != "fp8" and head_dim % spec.group_size:
             raise ValueError(f"head_dim {head_dim} is not a multiple of {spec.format}'s block of {spec.group_size}")
         return
-    if head_dim % (8 // spec.bits) != 0:
-        raise ValueError(f"head_dim {head_dim} cannot be packed at {spec.bits} bits")
+    if any(head_dim % (8 // width) for width in PLANES[spec.bits]):
+        raise ValueError(f"head_dim {head_dim} cannot be packed at {spec.bits} bits (planes of {PLANES[spec.bits]} bits)")
     if spec.mode == "per-token" and head_dim % spec.group_size != 0:
         raise ValueError(f"per-token group_size {spec.group_size} does not divide head_dim {head_dim}")
     if spec.mode == "per-channel" and tokens % spec.group_size != 0:
@@ -225,22 +229,41 @@ def dequantize_codes(
     return _from_groups(g * _expand(scale, spec) + _expand(zero, spec), spec).to(dtype)
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes of ``bits`` each along the last dim, lowest bits first: (..., D) → (..., D*bits/8)."""
+def _pack_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.to(torch.uint8)
-    per_byte = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    grouped = codes.to(torch.uint8).unflatten(-1, (-1, per_byte))
+    grouped = codes.to(torch.uint8).unflatten(-1, (-1, 8 // bits))
     return (grouped << shifts).sum(-1, dtype=torch.uint8)
 
 
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+def _unpack_plane(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    mask = (1 << bits) - 1
-    return ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
+    return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes of ``bits`` each along the last dim, lowest bits first: (..., D) → (..., D*bits/8).
+    Widths of :data:`PLANES` with several planes store each plane's bits packed, low plane first."""
+    codes = codes.to(torch.uint8)
+    planes, low = [], 0
+    for width in PLANES[bits]:
+        planes.append(_pack_plane((codes >> low) & ((1 << width) - 1), width))
+        low += width
+    return planes[0] if len(planes) == 1 else torch.cat(planes, dim=-1)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    head_dim = packed.shape[-1] * 8 // bits
+    codes, start, low = None, 0, 0
+    for width in PLANES[bits]:
+        size = head_dim * width // 8
+        part = _unpack_plane(packed[..., start : start + size], width) << low
+        codes = part if codes is None else codes | part
+        start, low = start + size, low + width
+    return codes
 
 
 # ---------------------------------------------------------------------------------------------

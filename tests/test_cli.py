@@ -28,7 +28,7 @@ def test_ppl_table_on_a_local_model(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["ppl", "--plan", "uniform:k3v3"], "unknown bit width 3"),
+        (["ppl", "--plan", "uniform:k7v7"], "unknown bit width 7"),
         (["ppl", "--plan", "missing.json"], "plan file not found"),
         (["ppl", "--plan", "fp16", "--model", "./no/such/dir"], "model directory not found"),
         (["show-plan", "turbo"], "Known forms"),

@@ -23,7 +23,7 @@ def _assert_same_storage(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode, tokens", [("per-token", 37), ("per-channel", 64)])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_quantize_pack_writes_the_reference_bytes(bits, mode, tokens, dtype):
     torch.manual_seed(bits)
     spec = QuantSpec(bits, mode, 32)
@@ -63,8 +63,8 @@ def _streams(x, spec, quantized_tokens):
 
 
 @pytest.mark.parametrize("gather", [False, True])
-@pytest.mark.parametrize("k_bits", [2, 4, 8, 16])
-@pytest.mark.parametrize("v_bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("k_bits", [2, 3, 4, 5, 6, 8, 16])
+@pytest.mark.parametrize("v_bits", [2, 3, 4, 6, 8, 16])
 def test_decode_attention_matches_the_reference_for_every_bit_pair(k_bits, v_bits, gather):
     torch.manual_seed(k_bits * 17 + v_bits)
     batch, kv_heads, group, tokens, head_dim = 2, 2, 3, 83, 64  # odd length, GQA 3:1

@@ -71,7 +71,7 @@ def _mutated(fn):
         (_mutated(lambda d: d.pop("schema_version")), "schema_version None is not supported"),
         (_mutated(lambda d: d.update(extra=1)), r"unknown field\(s\) \['extra'\]"),
         (_mutated(lambda d: d.update(layers=[])), "non-empty list"),
-        (_mutated(lambda d: d["layers"][1]["key"].update(bits=3)), "layer 1 key: unknown bit width 3"),
+        (_mutated(lambda d: d["layers"][1]["key"].update(bits=7)), "layer 1 key: unknown bit width 7"),
         (_mutated(lambda d: d["layers"][1]["value"].update(mode="per-head")), "layer 1 value: unknown quantization mode"),
         (_mutated(lambda d: d["layers"][1]["key"].update(group_size=-4)), "group_size must be a positive integer"),
         (_mutated(lambda d: d["layers"][2].update(residual=-1)), "layer 2: residual must be a non-negative"),
@@ -79,7 +79,7 @@ def _mutated(fn):
         (_mutated(lambda d: d["layers"][2].pop("value")), "layer 2: missing 'value'"),
         (_mutated(lambda d: d["layers"][2]["key"].update(format="fp4")), "unknown format 'fp4'"),
         (_mutated(lambda d: d["layers"][2]["key"].update(colour="red")), r"layer 2 key: unknown field"),
-        (_mutated(lambda d: d["layers"].__setitem__(0, "k3v2")), "layer 0: unknown bit width 3"),
+        (_mutated(lambda d: d["layers"].__setitem__(0, "k7v2")), "layer 0: unknown bit width 7"),
         (_mutated(lambda d: d["layers"].__setitem__(0, 5)), "layer 0: expected an object"),
         (_mutated(lambda d: d["shape"].update(num_layers=5)), "'shape' says 5 layers"),
     ],
@@ -113,7 +113,8 @@ def test_presets():
     assert resolve_plan("K8V4", 1).name == "uniform:k8v4"
     with pytest.raises(PlanError, match="Known forms: fp16"):
         resolve_plan("turbo", 2)
-    with pytest.raises(PlanError, match="unknown bit width 5"):
-        resolve_plan("uniform:k5v5", 2)
+    assert resolve_plan("uniform:k3v3", 2).nominal_bits() == 3  # 3-bit planes
+    with pytest.raises(PlanError, match="unknown bit width 7"):
+        resolve_plan("uniform:k7v7", 2)
     with pytest.raises(PlanError, match="expected kivi:<bits>"):
         resolve_plan("kivi:two", 2)

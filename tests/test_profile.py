@@ -89,8 +89,8 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir, tiny_profile):
 
 
 def test_bad_pairs_fail_before_loading(tmp_path):
-    with pytest.raises(ValueError, match="unknown bit width 3"):
-        run_profile(ProfileSettings(model="/no/such/model", pairs=["k3v3"]), tmp_path)
+    with pytest.raises(ValueError, match="unknown bit width 7"):
+        run_profile(ProfileSettings(model="/no/such/model", pairs=["k7v7"]), tmp_path)
     with pytest.raises(ProfileError, match="listed twice"):
         run_profile(ProfileSettings(model="/no/such/model", pairs=["k4v4", "K4V4"]), tmp_path)
 

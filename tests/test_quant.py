@@ -117,8 +117,8 @@ def test_quantization_is_idempotent():
 
 
 def test_invalid_specs_and_shapes():
-    with pytest.raises(PlanError, match="unknown bit width 3"):
-        QuantSpec(3)
+    with pytest.raises(PlanError, match="unknown bit width 7"):
+        QuantSpec(7)
     with pytest.raises(PlanError, match="unknown quantization mode"):
         QuantSpec(4, "per-head")
     with pytest.raises(PlanError, match="group_size"):

@@ -49,12 +49,10 @@ def _load_tile(
     x = tl.load(tail_ptr + tail_rows[:, None] * stride_tt + offs_d[None, :], mask=in_tail[:, None] & dmask, other=0.0)
     x = x.to(tl.float32)
     if BITS < 16:
-        PER_BYTE: tl.constexpr = 8 // BITS
         in_q = offs_n < n_quant
         qmask = in_q[:, None] & dmask
         rows = offs_n.to(tl.int64)
-        byte = tl.load(packed_ptr + rows[:, None] * stride_pt + (offs_d // PER_BYTE)[None, :], mask=qmask, other=0)
-        code = (byte.to(tl.int32) >> ((offs_d % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+        code = _gather_codes(packed_ptr + rows[:, None] * stride_pt, offs_d, qmask, D, BITS)
         if PER_CHANNEL:
             q = (rows // G)[:, None] * stride_st + offs_d[None, :]
         else:
@@ -63,6 +61,29 @@ def _load_tile(
         zero = tl.load(zero_ptr + q, mask=qmask, other=0.0).to(tl.float32)
         x = tl.where(in_q[:, None], code.to(tl.float32) * scale + zero, x)
     return x
+
+
+@triton.jit
+def _plane_codes(row_ptr, offs_d, mask, START: tl.constexpr, WIDTH: tl.constexpr):
+    """Codes of one bit plane (``WIDTH`` bits each, packed from byte ``START`` of every row)."""
+    PER_BYTE: tl.constexpr = 8 // WIDTH
+    byte = tl.load(row_ptr + START + (offs_d // PER_BYTE)[None, :], mask=mask, other=0).to(tl.int32)
+    return (byte >> ((offs_d % PER_BYTE) * WIDTH)[None, :]) & ((1 << WIDTH) - 1)
+
+
+@triton.jit
+def _gather_codes(row_ptr, offs_d, mask, D: tl.constexpr, BITS: tl.constexpr):
+    """(rows, channels) int32 codes, each channel loading its own byte of every plane (kvtune.quant.PLANES:
+    3 = 2+1, 5 = 4+1, 6 = 4+2 bits, the low plane first)."""
+    if BITS == 3:
+        codes = _plane_codes(row_ptr, offs_d, mask, 0, 2) | (_plane_codes(row_ptr, offs_d, mask, D // 4, 1) << 2)
+    elif BITS == 5:
+        codes = _plane_codes(row_ptr, offs_d, mask, 0, 4) | (_plane_codes(row_ptr, offs_d, mask, D // 2, 1) << 4)
+    elif BITS == 6:
+        codes = _plane_codes(row_ptr, offs_d, mask, 0, 4) | (_plane_codes(row_ptr, offs_d, mask, D // 2, 2) << 4)
+    else:
+        codes = _plane_codes(row_ptr, offs_d, mask, 0, BITS)
+    return codes
 
 
 @triton.jit
@@ -82,11 +103,10 @@ def _unpack(packed, BITS: tl.constexpr):
 @triton.jit
 def _load_codes(packed_ptr, rows, stride_pt, D: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr):
     """(len(rows), D) int32 codes of a block of packed rows."""
-    if GATHER:  # each channel loads its own byte (repeated addresses) and shifts: no register shuffles
-        PER_BYTE: tl.constexpr = 8 // BITS
+    # Plane widths (3, 5, 6 bits) are gathered: a whole-row unpack of two planes is not written yet.
+    if GATHER or BITS == 3 or BITS == 5 or BITS == 6:  # each channel loads its own byte(s) and shifts
         offs_d = tl.arange(0, D)
-        byte = tl.load(packed_ptr + rows[:, None] * stride_pt + (offs_d // PER_BYTE)[None, :]).to(tl.int32)
-        codes = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+        codes = _gather_codes(packed_ptr + rows[:, None] * stride_pt, offs_d, offs_d[None, :] < D, D, BITS)
     else:  # whole-row byte loads, unpacked by shifts and interleaving
         offs_b = tl.arange(0, D * BITS // 8)
         codes = _unpack(tl.load(packed_ptr + rows[:, None] * stride_pt + offs_b[None, :]), BITS)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtune.quant import SCALE_DTYPE, QuantizedTensor, QuantSpec, check_shape
+from kvtune.quant import PLANES, SCALE_DTYPE, QuantizedTensor, QuantSpec, check_shape
 
 
 @triton.jit
@@ -72,12 +72,25 @@ def _codes(x, scale, zero, LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _store_plane(row_ptr, codes, mask, START: tl.constexpr, group, ROWS: tl.constexpr, N: tl.constexpr, WIDTH: tl.constexpr):
+    """Pack one bit plane of ``codes`` (ROWS, N/8, 8), ``WIDTH`` bits each, and store its bytes from
+    byte ``START`` of every row, at this group's place (``group`` × N·WIDTH/8)."""
+    PB: tl.constexpr = 8 // WIDTH
+    grouped = tl.reshape(codes, (ROWS, N // PB, PB))
+    k = tl.arange(0, PB)
+    packed = tl.sum(grouped << (k[None, None, :] * WIDTH), axis=2).to(tl.uint8)
+    offs = START + group * (N // PB) + tl.arange(0, N // PB)
+    tl.store(row_ptr + offs[None, :], packed, mask=mask)
+
+
+@triton.jit
 def _quantize_per_token_kernel(
     x_ptr, packed_ptr, scale_ptr, zero_ptr,
     T, stride_xr, stride_xt,
     BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    PER_BYTE: tl.constexpr = 8 // BITS
+    PLANES: tl.constexpr = BITS == 3 or BITS == 5 or BITS == 6
+    PER_BYTE: tl.constexpr = 8 if PLANES else 8 // BITS  # codes that share one byte (of the 1-bit plane)
     LEVELS: tl.constexpr = (1 << BITS) - 1
     row = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -92,11 +105,15 @@ def _quantize_per_token_kernel(
     hi = tl.max(tl.max(x, axis=2), axis=1)
     scale, zero = _qparams(lo, hi, LEVELS)
     codes = _codes(x, scale[:, None, None], zero[:, None, None], LEVELS)
-    packed = tl.sum(codes << (k[None, None, :] * BITS), axis=2).to(tl.uint8)  # (BLOCK_T, G/pb)
-
-    DP: tl.constexpr = D // PER_BYTE
-    out = row * T * DP + t[:, None].to(tl.int64) * DP + group * (G // PER_BYTE) + j[None, :]
-    tl.store(packed_ptr + out, packed, mask=t[:, None] < T)
+    ROW_BYTES: tl.constexpr = D * BITS // 8
+    row_start = row * T * ROW_BYTES + t[:, None].to(tl.int64) * ROW_BYTES
+    if PLANES:
+        LOW: tl.constexpr = 4 if BITS > 4 else 2
+        _store_plane(packed_ptr + row_start, codes & ((1 << LOW) - 1), t[:, None] < T, 0, group, BLOCK_T, G, LOW)
+        _store_plane(packed_ptr + row_start, codes >> LOW, t[:, None] < T, D * LOW // 8, group, BLOCK_T, G, BITS - LOW)
+    else:
+        packed = tl.sum(codes << (k[None, None, :] * BITS), axis=2).to(tl.uint8)  # (BLOCK_T, G/pb)
+        tl.store(packed_ptr + row_start + group * (G // PER_BYTE) + j[None, :], packed, mask=t[:, None] < T)
     NG: tl.constexpr = D // G
     q = row * T * NG + t.to(tl.int64) * NG + group
     tl.store(scale_ptr + q, scale, mask=t < T)
@@ -109,7 +126,8 @@ def _quantize_per_channel_kernel(
     T, stride_xr, stride_xt,
     BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
 ):
-    PER_BYTE: tl.constexpr = 8 // BITS
+    PLANES: tl.constexpr = BITS == 3 or BITS == 5 or BITS == 6
+    PER_BYTE: tl.constexpr = 8 if PLANES else 8 // BITS
     LEVELS: tl.constexpr = (1 << BITS) - 1
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
@@ -123,11 +141,15 @@ def _quantize_per_channel_kernel(
     hi = tl.max(x, axis=0)
     scale, zero = _qparams(lo, hi, LEVELS)
     codes = _codes(x, scale[None], zero[None], LEVELS)
-    packed = tl.sum(codes << (k[None, None, :] * BITS), axis=2).to(tl.uint8)  # (G, D/pb)
-
-    DP: tl.constexpr = D // PER_BYTE
-    out = row * T * DP + t[:, None].to(tl.int64) * DP + j[None, :]
-    tl.store(packed_ptr + out, packed)
+    ROW_BYTES: tl.constexpr = D * BITS // 8
+    row_start = row * T * ROW_BYTES + t[:, None].to(tl.int64) * ROW_BYTES
+    if PLANES:
+        LOW: tl.constexpr = 4 if BITS > 4 else 2
+        _store_plane(packed_ptr + row_start, codes & ((1 << LOW) - 1), t[:, None] < T, 0, 0, G, D, LOW)
+        _store_plane(packed_ptr + row_start, codes >> LOW, t[:, None] < T, D * LOW // 8, 0, G, D, BITS - LOW)
+    else:
+        packed = tl.sum(codes << (k[None, None, :] * BITS), axis=2).to(tl.uint8)  # (G, D/pb)
+        tl.store(packed_ptr + row_start + j[None, :], packed)
     q = row * (T // G) * D + group * D + col
     tl.store(scale_ptr + q, scale)
     tl.store(zero_ptr + q, zero)
@@ -140,9 +162,9 @@ def _is_pow2(n: int) -> bool:
 def supports(shape: torch.Size, spec: QuantSpec) -> bool:
     """Whether :func:`quantize_pack` takes this shape (Triton tiles need power-of-two extents)."""
     tokens, head_dim = shape[-2], shape[-1]
-    per_byte = 8 // spec.bits
-    if not spec.is_quantized:
+    if not spec.is_quantized or spec.is_engine:
         return False
+    per_byte = 8 if len(PLANES[spec.bits]) > 1 else 8 // spec.bits
     try:
         check_shape(tokens, head_dim, spec)
     except ValueError:
