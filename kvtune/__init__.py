@@ -7,7 +7,8 @@ The names a user reaches for first, importable from ``kvtune`` itself::
     cache = kvtune.load_cache(model, "uniform:k4v2")             # a Plan, a plan file, or a plan name
     model.generate(**inputs, past_key_values=cache)
 
-They are loaded on first use, so ``import kvtune`` (and the CLI's help) stays fast.
+They are loaded on first use, so ``import kvtune`` (and the CLI's help) stays fast. A name that
+is also a submodule's (``perplexity``) is left out: importing the submodule would replace it.
 """
 
 from importlib import import_module
@@ -23,7 +24,6 @@ _EXPORTS = {
     "load_model": "kvtune.models",
     "model_shape": "kvtune.models",
     "load_windows": "kvtune.data",
-    "perplexity": "kvtune.perplexity",
     "ProfileSettings": "kvtune.profiling",
     "run_profile": "kvtune.profiling",
     "Profile": "kvtune.profiling",

@@ -68,7 +68,8 @@ def ppl(
     """Held-out perplexity of each plan, with K/V quantized exactly as the cache would store them."""
     from kvtune.eval import EvalSettings, evaluate_plans
 
-    settings = EvalSettings(model=model, data=data, seq_len=seq_len, windows=windows, seed=seed, device=device, plans=plan,
+    settings = EvalSettings(model=model, data=data, seq_len=seq_len, windows=windows, seed=seed, device=device,
+                            plans=list(dict.fromkeys(plan)),
                             dtype=dtype, device_map=device_map, max_memory=max_memory)
     table = evaluate_plans(settings, out=out, overwrite=overwrite)
     _print_table(table)
@@ -119,7 +120,7 @@ def export(
     out: Optional[Path] = typer.Option(None, help="Output file (default outputs/export/<format>.json)."),
     nearest: bool = typer.Option(False, "--nearest", help="Round layers the target cannot express up to its nearest setting."),
     backend: str = typer.Option("quanto", help="QuantizedCache backend for hf-quantized-cache (quanto, hqq)."),
-    layers: int = typer.Option(30, min=1, help="Layer count for a named plan (a file states its own)."),
+    layers: int = typer.Option(30, min=1, max=4096, help="Layer count for a named plan (a file states its own)."),
     overwrite: bool = _OVERWRITE,
 ):
     """Write a plan in a form serving code reads; refuse what the target cannot express."""
@@ -290,7 +291,7 @@ def _report_search(result, out: Path) -> None:
 @_command()
 def show_plan(
     plan: str = typer.Argument(..., help="Plan file or name."),
-    layers: int = typer.Option(30, min=1, help="Layer count for a named plan (a file states its own)."),
+    layers: int = typer.Option(30, min=1, max=4096, help="Layer count for a named plan (a file states its own)."),
     context: int = typer.Option(32768, min=1, help="Context length for the memory figure."),
     kv_heads: int = typer.Option(3, min=1, help="KV heads, where the plan does not state its model's shape."),
     head_dim: int = typer.Option(64, min=1, help="Head size, where the plan does not state its model's shape."),

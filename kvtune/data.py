@@ -152,6 +152,8 @@ def _local_split_files(path: Path) -> dict[str, str]:
 def check_data(name: str | None) -> None:
     """Refuse data that cannot be read, before any model is loaded: the embedded default needs
     gensim's dump (or its cached split), a local file must parse, a hub name must be known."""
+    if name is not None and not str(name).strip():
+        raise DataError("--data is empty: give 'enwiki', a local .jsonl/.txt file or a hub dataset name")
     name = (name or DEFAULT_DATA).strip()
     if name in ("default", DEFAULT_DATA):
         from kvtune.models import kvtune_home
@@ -210,15 +212,23 @@ def token_windows(tokens: torch.Tensor, seq_len: int, num_windows: int, seed: in
     available = len(tokens) // seq_len
     if available < num_windows:
         raise DataError(
-            f"the split holds {len(tokens)} tokens: {available} windows of {seq_len}, but {num_windows} were asked for"
+            f"holds {len(tokens)} tokens: room for {available} windows of {seq_len}, but {num_windows} were asked for"
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randperm(available, generator=gen)[:num_windows].sort().values * seq_len
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
 
 
-def load_windows(tokenizer, split: str, seq_len: int, num_windows: int, seed: int = 0, data: str | None = None):
+def load_windows(tokenizer, split: str, seq_len: int, num_windows: int, seed: int = 0, data: str | None = None,
+                 option: str | None = None):
+    """``num_windows`` windows of the split; ``option`` names the option that asked for them in a refusal."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
     corpus = load_corpus(data)
-    return token_windows(token_stream(tokenizer, corpus[split]), seq_len, num_windows, seed)
+    try:
+        return token_windows(token_stream(tokenizer, corpus[split]), seq_len, num_windows, seed)
+    except DataError as e:
+        if option is None:
+            raise
+        raise DataError(f"{option} {num_windows}: the {split} text of {data or DEFAULT_DATA} {e}; lower {option} or the "
+                        "window length") from None

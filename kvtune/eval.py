@@ -21,7 +21,7 @@ from kvtune import tasks
 from kvtune.cache import load_cache
 from kvtune.data import DEFAULT_DATA, load_corpus, load_windows
 from kvtune.errors import KvtuneError
-from kvtune.models import DEFAULT_MODEL, canonical_name, load_model, model_shape
+from kvtune.models import DEFAULT_MODEL, canonical_name, load_model, load_tokenizer, model_shape
 from kvtune.perplexity import token_nll
 from kvtune.plan import Plan, resolve_plan
 
@@ -79,8 +79,13 @@ def check_settings(settings: EvalSettings, out: str | Path | None = None, stem: 
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise KvtuneError(f"{name} must be a positive integer, got {value!r}")
     if out is not None:
-        inputs.check_out_dir(out, "eval" if stem == "eval" else "ppl", f"{stem}.json", settings, overwrite)
-    shape = inputs.model_shape(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
+        inputs.check_out_dir(out, "eval" if stem == "eval" else "ppl", f"{stem}.json", settings, overwrite,
+                             result_files=(f"{stem}.csv", f"{stem}.png"))
+    lengths = {"--seq-len": settings.seq_len}
+    if "needle" in settings.tasks:
+        lengths["--needle-context"] = settings.needle_context
+    shape = inputs.model_shape(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory,
+                               tokens=lengths)
     inputs.check_plans(settings.plans, shape, settings.model)
     check_data(settings.data)
 
@@ -91,12 +96,14 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True, out: str | Pat
     and each task's accuracy. With ``out`` the table is also saved there (:func:`save_table`),
     which is checked, like every other input, before the model loads."""
     check_settings(settings, out, stem, overwrite)
-    model, tokenizer = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
+    tokenizer = load_tokenizer(settings.model)
+    windows = load_windows(tokenizer, settings.split, settings.seq_len, settings.windows, settings.seed, settings.data,
+                           option="--windows")
+    model, _ = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
     shape = model_shape(model)
     plans: list[Plan] = [resolve_plan(p, shape.num_layers, shape.head_dim) for p in settings.plans]
     for plan in plans:  # refuse a bad plan before spending time on the others
         plan.check_model(shape, settings.model)
-    windows = load_windows(tokenizer, settings.split, settings.seq_len, settings.windows, settings.seed, settings.data)
     built = _build_tasks(settings, tokenizer)
     fp_plan = Plan.uniform("k16v16", shape.num_layers)
     reference = None
@@ -138,16 +145,17 @@ def save_table(table: pd.DataFrame, settings: EvalSettings, out_dir: str | Path,
     from kvtune import files
 
     out_dir = Path(out_dir)
-    files.write_with(out_dir / f"{stem}.csv", lambda p: table.to_csv(p, index=False))
     meta = {
         "model": canonical_name(settings.model),
         "settings": asdict(settings),
         "ppl_tokens_per_plan": settings.windows * (settings.seq_len - 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
     }
+    writers = {f"{stem}.csv": lambda p: table.to_csv(p, index=False)}
     if len(table) > 1:
-        save_plot(table, out_dir / f"{stem}.png")
-    files.write_text(out_dir / f"{stem}.json", files.dumps(meta))  # last: marks a finished result
+        writers[f"{stem}.png"] = lambda p: save_plot(table, p)
+    writers[f"{stem}.json"] = lambda p: p.write_text(files.dumps(meta))  # last: marks a finished result
+    files.write_all(out_dir, writers)
     return out_dir / f"{stem}.csv"
 
 
@@ -168,7 +176,5 @@ def save_plot(table: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel(metric)
         ax.set_xscale("log", base=2)
     fig.tight_layout()
-    from kvtune import files
-
-    files.write_with(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

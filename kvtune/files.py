@@ -85,6 +85,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_all(folder: str | Path, writers: dict[str, Callable[[Path], Any]]) -> Path:
+    """Several files of one result: all are written to temporary files first and only then renamed
+    into place, in order (put the file that marks a finished result last), so an interruption while
+    writing leaves the earlier result or nothing, not half of each."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KvtuneError(f"cannot write {folder}: {e.strerror or e}") from None
+    done: list[tuple[Path, Path]] = []
+    try:
+        for name, writer in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            done.append((Path(tmp), folder / name))
+            writer(Path(tmp))
+        for tmp, target in done:
+            os.replace(tmp, target)
+    except OSError as e:
+        raise KvtuneError(f"cannot write into {folder}: {e.strerror or e}") from None
+    finally:
+        for tmp, _ in done:
+            tmp.unlink(missing_ok=True)
+    return folder
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

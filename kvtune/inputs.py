@@ -49,15 +49,25 @@ def check_layers(layers: list[int] | None, shape: ModelShape | None, option: str
                           "attention layers, counted in plan order)")
 
 
-def model_shape(model: str | None, device=None, dtype=None, device_map=None, max_memory=None) -> ModelShape | None:
-    """Placement options checked, the model's files checked, and its plan shape read from the
-    config alone; None where the config does not tell (the loaded model is then checked instead)."""
+def model_shape(model: str | None, device=None, dtype=None, device_map=None, max_memory=None,
+                tokens: dict[str, int] | None = None) -> ModelShape | None:
+    """Placement options checked, the model's files checked, ``tokens`` (option → length) within
+    the model's positions, and its plan shape read from the config alone; None where the config
+    does not tell (the loaded model is then checked instead)."""
     from kvtune import arch
     from kvtune.models import check_placement, load_config
 
+    if model is not None and not str(model).strip():
+        raise KvtuneError("--model is empty: give 'default', a local model folder or a hub id")
     if device is not None:
         check_placement(device, dtype, device_map, max_memory)
-    return arch.config_shape(load_config(model), model or "default")
+    config = load_config(model)
+    limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    for option, length in (tokens or {}).items():
+        if isinstance(limit, int) and length > limit:
+            raise KvtuneError(f"{option} {length} is longer than the {limit} positions {model or 'the default model'} "
+                              "was built for; use at most that")
+    return arch.config_shape(config, model or "default")
 
 
 def check_plans(specs: list[str], shape: ModelShape | None, model_name: str = "the model") -> list[Plan]:
@@ -69,7 +79,7 @@ def check_plans(specs: list[str], shape: ModelShape | None, model_name: str = "t
             if shape is not None:
                 plan.check_model(shape, model_name)
         except PlanError as e:
-            raise PlanError(f"--plan {spec}: {e}") from None
+            raise PlanError(f"--plan {e}" if str(e).startswith(str(spec)) else f"--plan {spec}: {e}") from None
         plans.append(plan)
     return plans
 
@@ -82,13 +92,18 @@ def comparable(settings: Any) -> dict:
 
 
 def check_out_dir(out: str | Path, command: str, result_file: str | None = None, settings: Any = None,
-                  overwrite: bool = False, option: str = "--out") -> Path:
+                  overwrite: bool = False, option: str = "--out", result_files: tuple[str, ...] = ()) -> Path:
     """A folder ``command`` can write its result into: not a file, writable, and not holding a
     result of other settings (``result_file`` records them under 'settings') unless ``overwrite``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise KvtuneError(f"{option} {out} is a file; {command} writes a folder of results there: give a folder path")
     _check_writable(out, option)
+    if result_file and not overwrite and not (out / result_file).exists():
+        strays = [name for name in result_files if (out / name).exists()]
+        if strays:
+            raise KvtuneError(f"{option} {out} holds {', '.join(strays)} but no {result_file} saying how they were made; "
+                              f"give another {option}, or --overwrite to replace them")
     if result_file and settings is not None and not overwrite and (out / result_file).exists():
         differences = _differences(out / result_file, comparable(settings))
         if differences:

@@ -149,8 +149,27 @@ def check_placement(device, dtype, device_map, max_memory) -> None:
     resolve_dtype(dtype, "cpu")
     if max_memory is not None and device_map is None:
         raise ModelError("--max-memory applies to --device-map; give --device-map auto (or a map) with it")
-    parse_device_map(device_map)
-    parse_max_memory(max_memory)
+    placed = parse_device_map(device_map)
+    if isinstance(placed, dict):
+        if not placed:
+            raise ModelError("--device-map is an empty map: name module → device, or use auto")
+        for module, target in placed.items():
+            _check_target(target, f"--device-map entry {module!r}")
+    for key in (parse_max_memory(max_memory) or {}):
+        _check_target(key, "--max-memory")
+
+
+def _check_target(target, where: str) -> None:
+    """A device-map or max-memory device: a GPU index (or cuda:N) that exists, cpu, or disk."""
+    if target in ("cpu", "disk", "mps"):
+        return
+    index = target if isinstance(target, int) and not isinstance(target, bool) else None
+    if isinstance(target, str) and (target == "cuda" or (target.startswith("cuda:") and target[5:].isdigit())):
+        index = int(target[5:] or 0)
+    if index is None:
+        raise ModelError(f"{where}: {target!r} is not a device (a GPU index, cuda:N, cpu or disk)")
+    if index >= torch.cuda.device_count():
+        raise ModelError(f"{where}: GPU {index} does not exist here ({torch.cuda.device_count()} visible)")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device, config=None) -> torch.dtype:
@@ -199,6 +218,8 @@ def parse_max_memory(max_memory: str | dict | None) -> dict | None:
         key = key.strip()
         if not (key.isdigit() or key in ("cpu", "disk", "mps")):
             raise ModelError(f"--max-memory {max_memory!r}: {key!r} is not a device (a GPU index, cpu or disk)")
+        if (int(key) if key.isdigit() else key) in out:
+            raise ModelError(f"--max-memory {max_memory!r} names {key!r} twice")
         if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", value.strip(), re.IGNORECASE):
             raise ModelError(f"--max-memory {max_memory!r}: {value.strip()!r} is not a size like 70GiB")
         out[int(key) if key.isdigit() else key] = value.strip()
@@ -218,7 +239,7 @@ def load_model(
     accelerate, within ``max_memory`` per device; layers may then live on different devices, and
     kvtune's cache, probe and simulation follow each layer's tensors.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_placement(device, dtype, device_map, max_memory)
 
@@ -238,14 +259,25 @@ def load_model(
             offload = kvtune_home() / "offload" / Path(path).name
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory,
                                                          offload_folder=str(offload))
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:  # unreadable weights or tokenizer files, a map naming unknown modules
+    except (OSError, ValueError, KeyError) as e:  # unreadable weights, a map naming unknown modules
         raise ModelError(f"cannot load {name or DEFAULT_MODEL} from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     model.eval()
     arch.describe(model)  # refuse an architecture kvtune cannot serve before anything else
+    return model, load_tokenizer(name)
+
+
+def load_tokenizer(name: str | None = None):
+    """The model's tokenizer alone (seconds, no weights): data can be cut into windows before the model loads."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {name or DEFAULT_MODEL} from {path}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def input_device(model) -> torch.device:

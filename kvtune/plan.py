@@ -27,6 +27,8 @@ DEFAULT_VALUE_MODE = "per-token"
 DEFAULT_GROUP_SIZE = 32
 DEFAULT_RESIDUAL = 32
 
+MAX_TOKENS = 1 << 24  # residual windows and sliding windows; no context is longer
+_SHAPE_LIMITS = {"num_layers": 1 << 12, "num_kv_heads": 1 << 12, "head_dim": 1 << 14}  # far beyond any model
 _PAIR_RE = re.compile(r"^k(\d+|\[[a-z0-9_]+\])v(\d+|\[[a-z0-9_]+\])$", re.IGNORECASE)
 Label = int | str  # a K or V format inside a pair: an integer width, or an engine format's name
 
@@ -52,12 +54,14 @@ class ModelShape:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise PlanError(f"model shape: {name} must be a positive integer, got {value!r}")
+            if value > _SHAPE_LIMITS[name]:
+                raise PlanError(f"model shape: {name} {value} is beyond any model (at most {_SHAPE_LIMITS[name]})")
         for name in ("layer_ids", "windows"):
             value = getattr(self, name)
             if value is None:
                 continue
             if not isinstance(value, (list, tuple)) or len(value) != self.num_layers or not all(
-                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_TOKENS for x in value
             ):
                 raise PlanError(f"model shape: {name} must list {self.num_layers} non-negative integers, got {value!r}")
             object.__setattr__(self, name, tuple(value))
@@ -139,8 +143,8 @@ class LayerPlan:
     residual: int = DEFAULT_RESIDUAL
 
     def __post_init__(self):
-        if not isinstance(self.residual, int) or isinstance(self.residual, bool) or self.residual < 0:
-            raise PlanError(f"residual must be a non-negative integer, got {self.residual!r}")
+        if not isinstance(self.residual, int) or isinstance(self.residual, bool) or not 0 <= self.residual <= MAX_TOKENS:
+            raise PlanError(f"residual must be an integer from 0 to {MAX_TOKENS}, got {self.residual!r}")
 
     @property
     def pair(self) -> str:
@@ -312,13 +316,19 @@ class Plan:
                 raise PlanError(f"plan 'shape' says {shape.num_layers} layers but 'layers' has {len(layers_data)} entries")
         ids = [i if shape is None else shape.model_layer(i) for i in range(len(layers_data))]
         layers = tuple(_layer_from_data(i, entry) for i, entry in zip(ids, layers_data))
-        metadata = data.get("metadata") or {}
+        metadata = data.get("metadata", {})
         if not isinstance(metadata, dict):
             raise PlanError("plan 'metadata' must be an object")
         for text in ("name", "model"):
             if not isinstance(data.get(text) or "", str):
                 raise PlanError(f"plan '{text}' must be a string, got {data[text]!r}")
-        return cls(layers, name=data.get("name") or "", model=data.get("model") or "", shape=shape, metadata=metadata)
+        plan = cls(layers, name=data.get("name") or "", model=data.get("model") or "", shape=shape, metadata=metadata)
+        stated = data.get("nominal_bits")
+        if stated is not None and (not isinstance(stated, (int, float)) or isinstance(stated, bool)
+                                   or abs(stated - plan.nominal_bits()) > 1e-4):
+            raise PlanError(f"plan 'nominal_bits' says {stated!r} but its layers average {plan.nominal_bits():.6g} bits; "
+                            "fix or remove the field (it is only a summary)")
+        return plan
 
     def save(self, path: str | Path) -> Path:
         from kvtune import files

@@ -39,6 +39,7 @@ FULL_BITS = 16
 BITS = INT_BITS + (FULL_BITS,)
 MODES = ("per-token", "per-channel")
 FP8_MODES = ("per-tensor", "per-head")
+MAX_GROUP = 1 << 16  # far above any head size or sensible token group; larger is a corrupt value
 SCALE_DTYPE = torch.float16
 
 
@@ -101,8 +102,8 @@ class QuantSpec:
             object.__setattr__(self, "group_size", 32)
         if self.mode not in MODES:
             raise PlanError(f"unknown quantization mode {self.mode!r}: expected one of {list(MODES)}")
-        if not _is_int(self.group_size) or self.group_size <= 0:
-            raise PlanError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if not _is_int(self.group_size) or not 0 < self.group_size <= MAX_GROUP:
+            raise PlanError(f"group_size must be an integer from 1 to {MAX_GROUP}, got {self.group_size!r}")
 
     @property
     def is_quantized(self) -> bool:

@@ -62,8 +62,8 @@ def test_profile_command_on_a_local_model(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert "spearman taylor_vs_kl" in result.output
     assert (out / "profile.csv").is_file() and (out / "heatmap.png").is_file()
-    bad = runner.invoke(app, ["profile", "--model", tiny_model_dir, "--pairs", "k4v5", "--out", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "unknown bit width 5" in bad.output
+    bad = runner.invoke(app, ["profile", "--model", tiny_model_dir, "--pairs", "k4v7", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "unknown bit width 7" in bad.output
     assert not (tmp_path / "bad").exists()
 
 

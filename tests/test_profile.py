@@ -84,7 +84,7 @@ def test_resume_skips_finished_work(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_resume_with_other_settings_is_refused(tiny_model_dir, tiny_profile):
     _, out = tiny_profile
-    with pytest.raises(ProfileError, match="other settings \\(seed\\); use --overwrite"):
+    with pytest.raises(ProfileError, match="other settings \\(seed: 0 → 5\\); use --overwrite"):
         run_profile(_settings(tiny_model_dir, seed=5), out, progress=False)
 
 

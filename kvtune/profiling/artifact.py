@@ -75,8 +75,9 @@ class Profile:
 
         folder = Path(folder)
         _validate(self.table, self.meta, folder)
-        files.write_with(folder / TABLE_FILE, lambda p: self.table.to_csv(p, index=False))
-        files.write_text(folder / META_FILE, files.dumps(self.meta))  # last: its presence marks a finished profile
+        meta_text = files.dumps(self.meta)
+        files.write_all(folder, {TABLE_FILE: lambda p: self.table.to_csv(p, index=False),
+                                 META_FILE: lambda p: p.write_text(meta_text)})  # last: marks a finished profile
         return folder
 
     @classmethod

@@ -39,8 +39,10 @@ from tqdm.auto import tqdm
 from kvtune.data import DEFAULT_DATA, load_windows
 from kvtune.arch import describe
 from kvtune.errors import ProfileError
-from kvtune.models import DEFAULT_MODEL, canonical_name, input_device, load_model
+from kvtune.models import DEFAULT_MODEL, canonical_name, input_device, load_model, load_tokenizer
+from kvtune.quant import MODES
 from kvtune.plan import (
+    Plan,
     DEFAULT_GROUP_SIZE,
     DEFAULT_KEY_MODE,
     DEFAULT_RESIDUAL,
@@ -119,7 +121,11 @@ class ProfileSettings:
             parse_pair(self.validate_pair)
         except ValueError as e:  # PlanError
             raise ProfileError(f"--validate-pair: {e}") from None
-        shape = inputs.model_shape(self.model, self.device, self.dtype, self.device_map, self.max_memory)
+        for option, mode in (("--key-mode", self.key_mode), ("--value-mode", self.value_mode)):
+            if mode not in MODES:
+                raise ProfileError(f"{option} {mode!r}: expected one of {list(MODES)}")
+        shape = inputs.model_shape(self.model, self.device, self.dtype, self.device_map, self.max_memory,
+                                   tokens={"--max-tokens": self.seq_len})
         inputs.check_layers(self.validate_layers, shape)
         check_data(self.data)
         settings = self
@@ -128,6 +134,13 @@ class ProfileSettings:
             print(f"kvtune: note: head_dim {shape.head_dim} is not a multiple of the default group {self.group_size}; "
                   f"per-token groups of {fitted} are used (--group-size overrides)")
             settings = replace(self, group_size=fitted)
+        if shape is not None:  # every candidate must fit the head size (a per-token group divides it)
+            c = settings.candidates()
+            try:
+                Plan(tuple(c.layer_plan(k, v) for k, v in c.pairs)).check_model(replace(shape, num_layers=len(c.pairs),
+                                                                                       layer_ids=None, windows=None))
+            except ValueError as e:
+                raise ProfileError(f"--group-size {settings.group_size}: {str(e).split(': ', 1)[-1]}") from None
         _State(Path(out), settings, overwrite)  # an earlier profile of other settings is refused here
         return settings, shape
 
@@ -154,11 +167,13 @@ class _State:
             return
         self.data = _read_progress(self.path, settings)
         earlier = {k: v for k, v in self.data["settings"].items() if k not in VALIDATION_KEYS}
-        if earlier != json.loads(json.dumps(fingerprint)):
-            changed = sorted(k for k in set(earlier) | set(fingerprint) if earlier.get(k) != json.loads(json.dumps(fingerprint)).get(k))
+        now = json.loads(json.dumps(fingerprint))
+        if earlier != now:
+            changed = sorted(k for k in set(earlier) | set(now) if earlier.get(k) != now.get(k))
             raise ProfileError(
-                f"{folder} holds a profile made with other settings ({', '.join(changed)}); use --overwrite to discard "
-                "it, or another --out"
+                f"{folder} holds a profile made with other settings ("
+                + ", ".join(f"{k}: {earlier.get(k)!r} → {now.get(k)!r}" for k in changed[:4])
+                + "); use --overwrite to discard it, or another --out"
             )
         windows = self.data.get("validation_windows", self.data["settings"].get("validate_windows"))
         if windows != settings.validate_windows:
@@ -169,10 +184,11 @@ class _State:
     def _check_finished(folder: Path, settings: ProfileSettings, fresh: bool) -> None:
         """A finished profile whose state was removed: refuse to replace it with other settings."""
         from kvtune import inputs
-        from kvtune.profiling.artifact import META_FILE
+        from kvtune.profiling.artifact import META_FILE, TABLE_FILE
 
         if not fresh:
-            inputs.check_out_dir(folder, "profile", META_FILE, settings, overwrite=False)
+            inputs.check_out_dir(folder, "profile", META_FILE, settings, overwrite=False,
+                                 result_files=(TABLE_FILE, HEATMAP_FILE))
 
     def save(self) -> None:
         from kvtune import files
@@ -352,7 +368,9 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
     settings, expected_shape = settings.check(out, overwrite=fresh)
     c = settings.candidates()
     state = _State(out, settings, fresh)  # refuses other settings' results before the model loads
-    model, tokenizer = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
+    windows = load_windows(load_tokenizer(settings.model), "calibration", settings.seq_len, settings.windows, settings.seed,
+                           settings.data, option="--windows")
+    model, _ = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
     arch = describe(model)
     shape, left_out = arch.shape, arch.left_out
     if expected_shape is not None and shape != expected_shape:  # the config-read shape fitted the group
@@ -362,7 +380,6 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
               + "; ".join(f"layer {i}: {why}" for i, why in left_out))
     _warn_short_windows(shape, settings)
     model.requires_grad_(False)  # gradients are wanted for K/V only
-    windows = load_windows(tokenizer, "calibration", settings.seq_len, settings.windows, settings.seed, settings.data)
     device = input_device(model)
 
     acc = state.data["stage1"] or _new_stage1(shape.num_layers, c)

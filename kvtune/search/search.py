@@ -185,7 +185,7 @@ def check_settings(settings: SearchSettings, out: str | Path, overwrite: bool = 
         profile.check_model(shape, model)
     if settings.verify:
         check_data(settings.data or profile.meta["settings"]["data"])
-    inputs.check_out_dir(out, "search", META_FILE, settings, overwrite)
+    inputs.check_out_dir(out, "search", META_FILE, settings, overwrite, result_files=(FRONT_FILE, PLAN_FILE, PLOT_FILE))
     return budget, profile
 
 
@@ -343,11 +343,13 @@ def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progr
 def _write(out: Path, front, plan, meta, profile, references, budget, context) -> None:
     from kvtune import files
 
-    files.write_with(out / FRONT_FILE, lambda p: front.to_csv(p, index=False))
-    plan.save(out / PLAN_FILE)
-    _plot(out / PLOT_FILE, front, profile, references, budget, context)
-    # Last, and with the settings: its presence marks a finished search (kvtune.inputs.check_out_dir).
-    files.write_text(out / META_FILE, json.dumps(json.loads(json.dumps(meta, default=float)), indent=2) + "\n")
+    meta_text = json.dumps(json.loads(json.dumps(meta, default=float)), indent=2) + "\n"
+    files.write_all(out, {
+        FRONT_FILE: lambda p: front.to_csv(p, index=False),
+        PLAN_FILE: lambda p: p.write_text(files.dumps(plan.to_dict())),
+        PLOT_FILE: lambda p: _plot(p, front, profile, references, budget, context),
+        META_FILE: lambda p: p.write_text(meta_text),  # last, with the settings: marks a finished search
+    })
 
 
 def uniform_reference(profile: Profile, pair: str, context: int, batch: int) -> dict:
@@ -382,7 +384,5 @@ def _plot(path: Path, front: pd.DataFrame, profile: Profile, references: list[st
     ax.legend(fontsize=8)
     ax.set_title(f"{profile.meta.get('model')}: Pareto front vs uniform plans", fontsize=10)
     fig.tight_layout()
-    from kvtune import files
-
-    files.write_with(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
