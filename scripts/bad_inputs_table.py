@@ -34,7 +34,8 @@ def main() -> None:
         for case in CASES:
             args = case.args(workspace)
             result = runner.invoke(app, args)
-            message = " ".join(line.strip() for line in result.output.strip().splitlines() if line.strip())
+            lines = [line.strip() for line in result.output.strip().splitlines() if line.strip()]
+            message = " ".join([line for line in lines if line.lower().startswith("error")] or lines)
             message = message.replace(tmp, "…")
             shown = " ".join("…" + a.replace(tmp, "") if tmp in a else a for a in args)
             rows.append((case.what, shown, result.exit_code, message))
