@@ -108,3 +108,15 @@ def test_tasks_come_from_real_files(default_model):
     for item in needles:
         prefix = item.prompt.rsplit("Earlier in this text: ", 1)[1]
         assert (prefix + " " + item.answer) in item.prompt  # the planted sentence holds the answer
+
+
+def test_three_bit_plans_export_where_the_target_has_three_bits(tmp_path):
+    k3v3 = Plan.uniform("k3v3", 4)
+    hqq = json.loads(export_plan(k3v3, "hf-quantized-cache", tmp_path / "hqq.json", backend="hqq").path.read_text())
+    assert hqq["cache_config"]["nbits"] == 3
+    with pytest.raises(PlanError, match="K3 is not among"):  # quanto has 2 and 4 bits only
+        export_plan(k3v3, "hf-quantized-cache", tmp_path / "q.json")
+    quanto = export_plan(k3v3, "hf-quantized-cache", tmp_path / "q.json", nearest=True)
+    assert json.loads(quanto.path.read_text())["cache_config"]["nbits"] == 4
+    cpp = json.loads(export_plan(k3v3, "llama.cpp", tmp_path / "cpp.json", nearest=True).path.read_text())
+    assert cpp["args"] == ["--cache-type-k", "q4_1", "--cache-type-v", "q4_1"]  # no llama.cpp type below 4 bits

@@ -25,7 +25,7 @@ def _decode_attention(q, k, v, layer: LayerPlan, scaling: float):
 
 
 @pytest.mark.parametrize("residual", [0, 5, 16])
-@pytest.mark.parametrize("k_bits, v_bits", [(2, 2), (4, 8), (16, 2), (2, 16)])
+@pytest.mark.parametrize("k_bits, v_bits", [(2, 2), (4, 8), (16, 2), (2, 16), (3, 3), (5, 6), (3, 2)])
 def test_simulated_attention_equals_decoding_through_the_cache(residual, k_bits, v_bits):
     torch.manual_seed(0)
     q = torch.randn(2, 4, 45, 32, dtype=torch.float64)
@@ -40,7 +40,7 @@ def test_simulated_attention_equals_decoding_through_the_cache(residual, k_bits,
 
 
 PLANS = {
-    "mixed-r4": lambda n: Plan(tuple(LayerPlan.from_pair(p, group_size=8, residual=4) for p in ["k2v2", "k8v4", "k4v16"][:n])),
+    "mixed-r4": lambda n: Plan(tuple(LayerPlan.from_pair(p, group_size=8, residual=4) for p in ["k2v2", "k3v4", "k4v16"][:n])),
     "k4v2-r0": lambda n: Plan.uniform("k4v2", n, group_size=8, residual=0),
     "kivi-like": lambda n: Plan.uniform("k2v2", n, group_size=16, residual=16),
 }
