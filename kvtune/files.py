@@ -15,6 +15,11 @@ from typing import Any, Callable, Iterator
 
 from kvtune.errors import KvtuneError
 
+# Temporary files are created private (0600); a result gets the mode a plain write would give it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 def read_json(path: str | Path, error: type[KvtuneError] = KvtuneError, what: str = "file") -> Any:
     """The parsed JSON of ``path``; every failure is ``error`` naming the file (and line where known)."""
@@ -78,6 +83,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except OSError as e:
         raise KvtuneError(f"cannot write {path}: {e.strerror or e}") from None
@@ -102,6 +108,7 @@ def write_all(folder: str | Path, writers: dict[str, Callable[[Path], Any]]) -> 
             done.append((Path(tmp), folder / name))
             writer(Path(tmp))
         for tmp, target in done:
+            os.chmod(tmp, _FILE_MODE)
             os.replace(tmp, target)
     except OSError as e:
         raise KvtuneError(f"cannot write into {folder}: {e.strerror or e}") from None

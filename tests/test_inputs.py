@@ -171,3 +171,16 @@ def test_profile_without_validation_writes_no_nan_and_resumes_honestly(tmp_path,
     assert measured.table["measured_kl"].notna().any()
     assert all(math.isfinite(v) for v in measured.meta["summary"]["spearman"].values())
     assert result.table["taylor"].tolist() == measured.table["taylor"].tolist()
+
+
+def test_results_get_the_mode_a_plain_write_gives(tmp_path):
+    import os
+
+    from kvtune import files
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    files.write_text(tmp_path / "atomic.txt", "x")
+    files.write_all(tmp_path / "many", {"a.txt": lambda p: p.write_text("a")})
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "atomic.txt") == mode(plain) == mode(tmp_path / "many" / "a.txt")
