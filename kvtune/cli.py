@@ -191,7 +191,7 @@ def _csv(text: str) -> list[str]:
 def profile(
     model: str = typer.Option("default", help="Model to profile (see `kvtune ppl --help`)."),
     data: str = typer.Option("enwiki", help="Calibration text (see `kvtune ppl --help`)."),
-    formats: str = typer.Option("int", "--formats", "--pairs", help="Candidate pairs: int, vllm, llama.cpp, engine, all, or a list like k8v4,k[fp8]v[nvfp4]."),
+    formats: str = typer.Option("int", "--formats", "--pairs", help="Candidate pairs: int, int+ (with 3-bit K and V), vllm, llama.cpp, engine, all, or a list like k8v4,k[fp8]v[nvfp4]."),
     max_tokens: int = typer.Option(512, min=16, help="Tokens per calibration window."),
     windows: int = typer.Option(8, min=1, help="Calibration windows (more: slower, less noisy)."),
     batch_size: int = typer.Option(2, min=1),
@@ -249,7 +249,7 @@ def search(
     verify: int = typer.Option(3, min=0, help="Best predicted plans to measure on verification text (0: pick by prediction)."),
     verify_windows: int = typer.Option(16, min=1, help="At most this many verification windows; the race stops once one plan is clearly best."),
     verify_uniform: bool = typer.Option(True, help="Also measure the uniform plans that fit the budget; the best measured plan wins."),
-    formats: str = typer.Option("", help="Search only these profiled pairs: int, vllm, llama.cpp, engine, all, or a list (default: every profiled pair)."),
+    formats: str = typer.Option("", help="Search only these profiled pairs: int, int+, vllm, llama.cpp, engine, all, or a list (default: every profiled pair)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     dtype: Optional[str] = _DTYPE,
