@@ -108,6 +108,14 @@ def _check_model_dir(path: Path) -> None:
                          "beside the weights with tokenizer.save_pretrained")
 
 
+def config_on_disk(name: str | None) -> bool:
+    """Whether the config can be read here without converting the default model or asking the hub."""
+    name = (name or "default").strip()
+    if name.lower() in _DEFAULT_ALIASES:
+        return (kvtune_home() / "models" / DEFAULT_MODEL / "config.json").is_file()
+    return (Path(name).expanduser() / "config.json").is_file()
+
+
 def load_config(name: str | None):
     """The model's transformers config, read without loading weights (a ModelError says why not)."""
     from transformers import AutoConfig

@@ -174,13 +174,15 @@ def check_settings(settings: SearchSettings, out: str | Path, overwrite: bool = 
     model = settings.model or profile.meta["settings"]["model"]
     # The profile's shape against its model's config: a plan of the wrong layer count is never written,
     # with or without verification (which would load the model anyway).
-    placement = (settings.device, settings.dtype, settings.device_map, settings.max_memory) if settings.verify else (None,) * 4
-    try:
-        shape = inputs.model_shape(model, *placement)
-    except ModelError:
-        if settings.verify:
-            raise
-        shape = None  # without verification no model is needed: a hub id needs no network to search its profile
+    if settings.verify:
+        shape = inputs.model_shape(model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
+    else:  # no model is needed: check against a config already on disk, never convert or ask the hub for one
+        from kvtune.models import config_on_disk
+
+        try:
+            shape = inputs.model_shape(model) if config_on_disk(model) else None
+        except ModelError:
+            shape = None
     if shape is not None:
         profile.check_model(shape, model)
     if settings.verify:
