@@ -124,13 +124,11 @@ def export(
     overwrite: bool = _OVERWRITE,
 ):
     """Write a plan in a form serving code reads; refuse what the target cannot express."""
-    from kvtune.export import check_settings, export_plan
+    from kvtune.export import export_plan
     from kvtune.plan import resolve_plan
 
     out = out or Path("outputs/export") / f"{format}.json"
-    check_settings(format, out, backend)
-    p = resolve_plan(plan, layers)
-    _report_export(export_plan(p, format, out, nearest=nearest, backend=backend, overwrite=overwrite))
+    _report_export(export_plan(resolve_plan(plan, layers), format, out, nearest=nearest, backend=backend, overwrite=overwrite))
 
 
 def _report_export(result) -> None:

@@ -75,9 +75,7 @@ def check_settings(settings: EvalSettings, out: str | Path | None = None, stem: 
     unknown = sorted(set(settings.tasks) - set(tasks.TASKS))
     if unknown:
         raise KvtuneError(f"unknown task(s) {unknown}; available: {list(tasks.TASKS)}")
-    for name, value in (("--seq-len", settings.seq_len), ("--windows", settings.windows), ("--items", settings.task_items)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise KvtuneError(f"{name} must be a positive integer, got {value!r}")
+    inputs.check_counts((("--seq-len", settings.seq_len, 1), ("--windows", settings.windows, 1), ("--items", settings.task_items, 1)))
     if out is not None:
         inputs.check_out_dir(out, "eval" if stem == "eval" else "ppl", f"{stem}.json", settings, overwrite,
                              result_files=(f"{stem}.csv", f"{stem}.png"))

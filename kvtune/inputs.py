@@ -27,6 +27,14 @@ from kvtune.plan import ModelShape, Plan, resolve_plan
 PLACEMENT = ("device", "device_map", "max_memory")
 
 
+def check_counts(counts, error: type[KvtuneError] = KvtuneError) -> None:
+    """Each (option, value, lowest) an integer (not a bool) of at least ``lowest``: the Python API
+    receives what typer would have checked."""
+    for option, value, low in counts:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise error(f"{option} must be an integer of at least {low}, got {value!r}")
+
+
 def parse_layers(text: str | None, option: str = "--validate-layers") -> list[int] | None:
     """``"0,15,29"`` → [0, 15, 29]; empty → None. Range checks need the model (:func:`check_layers`)."""
     if text is None or not str(text).strip():
@@ -142,9 +150,13 @@ def _differences(path: Path, settings: dict) -> str:
         return f"{path.name} cannot be read"
     if not isinstance(earlier, dict):
         return f"{path.name} records no settings"
-    earlier = {k: v for k, v in earlier.items() if k not in PLACEMENT}
-    changed = [k for k in sorted(set(earlier) | set(settings)) if earlier.get(k) != settings.get(k)]
-    return ", ".join(f"{k}: {earlier.get(k)!r} → {settings.get(k)!r}" for k in changed[:4]) + (" …" if len(changed) > 4 else "")
+    return changes({k: v for k, v in earlier.items() if k not in PLACEMENT}, settings)
+
+
+def changes(earlier: dict, now: dict) -> str:
+    """``budget: '3.25bits' → '6bits', …``: the settings that differ (empty when none do)."""
+    changed = [k for k in sorted(set(earlier) | set(now)) if earlier.get(k) != now.get(k)]
+    return ", ".join(f"{k}: {earlier.get(k)!r} → {now.get(k)!r}" for k in changed[:4]) + (" …" if len(changed) > 4 else "")
 
 
 def _check_writable(folder: Path, option: str) -> None:

@@ -6,6 +6,7 @@ folder would otherwise surface only after minutes of profiling.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from kvtune import inputs
@@ -30,6 +31,6 @@ def check_run(profile: ProfileSettings, search: SearchSettings, evaluate: EvalSe
         check_budget_fits(budget, search.budget, bits if budget.kind == "bits" else nbytes)
     inputs.check_out_dir(out / "search", "search", META_FILE, search, overwrite)
     # The chosen plan does not exist yet: the baselines are checked now, the plan after the search.
-    check_eval(EvalSettings(**{**evaluate.__dict__, "plans": [p for p in evaluate.plans if not p.endswith(".json")]}))
+    check_eval(replace(evaluate, plans=[p for p in evaluate.plans if not p.endswith(".json")]))
     inputs.check_out_dir(out / "eval", "eval", "eval.json", evaluate, overwrite)
     inputs.check_out_dir(out / "export", "export")

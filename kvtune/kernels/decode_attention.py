@@ -65,9 +65,14 @@ def _load_tile(
 
 @triton.jit
 def _plane_codes(row_ptr, offs_d, mask, START: tl.constexpr, WIDTH: tl.constexpr):
-    """Codes of one bit plane (``WIDTH`` bits each, packed from byte ``START`` of every row)."""
+    """Codes of one bit plane (``WIDTH`` bits each, packed from byte ``START`` of every row);
+    ``mask`` None for whole blocks, whose loads stay unmasked."""
     PER_BYTE: tl.constexpr = 8 // WIDTH
-    byte = tl.load(row_ptr + START + (offs_d // PER_BYTE)[None, :], mask=mask, other=0).to(tl.int32)
+    ptrs = row_ptr + START + (offs_d // PER_BYTE)[None, :]
+    if mask is None:
+        byte = tl.load(ptrs).to(tl.int32)
+    else:
+        byte = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
     return (byte >> ((offs_d % PER_BYTE) * WIDTH)[None, :]) & ((1 << WIDTH) - 1)
 
 
@@ -106,7 +111,7 @@ def _load_codes(packed_ptr, rows, stride_pt, D: tl.constexpr, BITS: tl.constexpr
     # Plane widths (3, 5, 6 bits) are gathered: a whole-row unpack of two planes is not written yet.
     if GATHER or BITS == 3 or BITS == 5 or BITS == 6:  # each channel loads its own byte(s) and shifts
         offs_d = tl.arange(0, D)
-        codes = _gather_codes(packed_ptr + rows[:, None] * stride_pt, offs_d, offs_d[None, :] < D, D, BITS)
+        codes = _gather_codes(packed_ptr + rows[:, None] * stride_pt, offs_d, None, D, BITS)
     else:  # whole-row byte loads, unpacked by shifts and interleaving
         offs_b = tl.arange(0, D * BITS // 8)
         codes = _unpack(tl.load(packed_ptr + rows[:, None] * stride_pt + offs_b[None, :]), BITS)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kvtune import inputs
 from kvtune.data import DEFAULT_DATA, load_windows
 from kvtune.arch import describe
 from kvtune.errors import ProfileError
@@ -99,16 +100,13 @@ class ProfileSettings:
     def check(self, out: str | Path, overwrite: bool = False):
         """Every input checked before the model loads (see :mod:`kvtune.inputs`); returns the
         settings with the group fitted to the model's head size, and the model's shape."""
-        from kvtune import inputs
         from kvtune.data import check_data
 
         inputs.check_out_dir(out, "profile", settings=None)
         self.candidates()
-        for name, value, low in (("--max-tokens", self.seq_len, 1), ("--windows", self.windows, 1),
-                                 ("--batch-size", self.batch_size, 1), ("--group-size", self.group_size, 1),
-                                 ("--residual", self.residual, 0), ("--validate-windows", self.validate_windows, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ProfileError(f"{name} must be an integer of at least {low}, got {value!r}")
+        inputs.check_counts((("--max-tokens", self.seq_len, 1), ("--windows", self.windows, 1),
+                             ("--batch-size", self.batch_size, 1), ("--group-size", self.group_size, 1),
+                             ("--residual", self.residual, 0), ("--validate-windows", self.validate_windows, 0)), ProfileError)
         if self.seq_len <= self.residual + self.group_size:
             raise ProfileError(
                 f"windows of {self.seq_len} tokens leave nothing to quantize with residual {self.residual} and "
@@ -167,14 +165,10 @@ class _State:
             return
         self.data = _read_progress(self.path, settings)
         earlier = {k: v for k, v in self.data["settings"].items() if k not in VALIDATION_KEYS}
-        now = json.loads(json.dumps(fingerprint))
-        if earlier != now:
-            changed = sorted(k for k in set(earlier) | set(now) if earlier.get(k) != now.get(k))
-            raise ProfileError(
-                f"{folder} holds a profile made with other settings ("
-                + ", ".join(f"{k}: {earlier.get(k)!r} → {now.get(k)!r}" for k in changed[:4])
-                + "); use --overwrite to discard it, or another --out"
-            )
+        changed = inputs.changes(earlier, inputs.comparable(fingerprint))
+        if changed:
+            raise ProfileError(f"{folder} holds a profile made with other settings ({changed}); use --overwrite to "
+                               "discard it, or another --out")
         windows = self.data.get("validation_windows", self.data["settings"].get("validate_windows"))
         if windows != settings.validate_windows:
             self.data["measured"] = {}  # measured on another number of windows
@@ -183,7 +177,6 @@ class _State:
     @staticmethod
     def _check_finished(folder: Path, settings: ProfileSettings, fresh: bool) -> None:
         """A finished profile whose state was removed: refuse to replace it with other settings."""
-        from kvtune import inputs
         from kvtune.profiling.artifact import META_FILE, TABLE_FILE
 
         if not fresh:

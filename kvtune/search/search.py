@@ -166,11 +166,9 @@ def check_settings(settings: SearchSettings, out: str | Path, overwrite: bool = 
     budget = parse_budget(settings.budget, settings.batch)
     profile = Profile.load(settings.profile)
     allowed_pairs(profile, settings.formats)
-    for name, value, low in (("--verify", settings.verify, 0), ("--verify-windows", settings.verify_windows, 1),
-                             ("--groups", settings.groups, 1), ("--generations", settings.generations, 1),
-                             ("--pop-size", settings.pop_size, 4), ("--context", settings.context, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise BudgetError(f"{name} must be an integer of at least {low}, got {value!r}")
+    inputs.check_counts((("--verify", settings.verify, 0), ("--verify-windows", settings.verify_windows, 1),
+                         ("--groups", settings.groups, 1), ("--generations", settings.generations, 1),
+                         ("--pop-size", settings.pop_size, 4), ("--context", settings.context, 1)), BudgetError)
     model = settings.model or profile.meta["settings"]["model"]
     # The profile's shape against its model's config: a plan of the wrong layer count is never written,
     # with or without verification (which would load the model anyway).
@@ -345,7 +343,7 @@ def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progr
 def _write(out: Path, front, plan, meta, profile, references, budget, context) -> None:
     from kvtune import files
 
-    meta_text = json.dumps(json.loads(json.dumps(meta, default=float)), indent=2) + "\n"
+    meta_text = json.dumps(meta, indent=2, default=float) + "\n"
     files.write_all(out, {
         FRONT_FILE: lambda p: front.to_csv(p, index=False),
         PLAN_FILE: lambda p: p.write_text(files.dumps(plan.to_dict())),
