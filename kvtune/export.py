@@ -244,10 +244,17 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
     if fmt == "hf-quantized-cache":
         bits, _, notes = _uniform_widths(plan, _HF_BITS[backend], f"transformers QuantizedCache[{backend}]", nearest, same_kv=True)
         # QuantizedCache groups every tensor along one axis with one group size and window.
+        # One group and one window for all layers: the finest group and the longest window any layer has.
+        integers = [s for layer in plan.layers for s in (layer.key, layer.value) if s.is_quantized and not s.is_engine]
+        group = min((s.group_size for s in integers), default=first.key.group_size)
+        residual = max(layer.residual for layer in plan.layers)
+        if len({(s.group_size, layer.residual) for layer in plan.layers for s in (layer.key, layer.value) if s.is_quantized}) > 1:
+            notes.append(f"layers differ in group size or window; QuantizedCache takes one: group {group} (the finest) and "
+                         f"window {residual} (the longest), no less accurate and a little more memory")
         config = {"backend": backend, "nbits": bits, "axis_key": 0, "axis_value": 0,
-                  "q_group_size": first.key.group_size, "residual_length": first.residual}
+                  "q_group_size": group, "residual_length": residual}
         notes.append("QuantizedCache quantizes K and V per-channel with one group size: kvtune's per-token values are not expressible")
-        rounded = Plan.uniform(f"k{bits}v{bits}", len(plan), group_size=first.key.group_size, residual=first.residual)
+        rounded = Plan.uniform(f"k{bits}v{bits}", len(plan), group_size=group, residual=residual)
         payload = {"cache_implementation": "quantized", "cache_config": config}
     elif fmt == "modelopt-hf":
         names, rounded, notes = _per_layer(plan, _MODELOPT, "ModelOpt (vLLM)", nearest)

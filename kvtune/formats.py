@@ -176,6 +176,10 @@ def nbytes(name: str, tokens: int, head_dim: int, rows: int = 1, per_head: bool 
 _INT_PAIRS = ("k16v16", "k8v8", "k8v4", "k4v8", "k4v4", "k4v2", "k2v4", "k2v2")
 # int with 3-bit K and V (packed as a 2-bit and a 1-bit plane): steps of one bit between 4 and 2.
 _INT_PLUS_PAIRS = ("k16v16", "k8v8", "k8v4", "k4v8", "k4v4", "k4v3", "k3v4", "k3v3", "k4v2", "k2v4", "k3v2", "k2v3", "k2v2")
+# int+ and, for every pair of 4 bits or less, the same pair in groups of 64: half the scale and zero
+# bytes (0.5 instead of 1 bit per element) for more rounding error. Same nominal bits, so they only
+# compete where budgets count real bytes.
+_INT_PLUS_G_PAIRS = _INT_PLUS_PAIRS + tuple(f"{p}g64" for p in _INT_PLUS_PAIRS if max(map(int, p[1:].split("v"))) <= 4)
 # vLLM / ModelOpt per-layer algorithms: FP8, NVFP4, FP8 keys with NVFP4 values; skipped layers stay 16-bit.
 _VLLM_PAIRS = ("k16v16", "k[fp8]v[fp8]", "k[fp8]v[nvfp4]", "k[nvfp4]v[nvfp4]")
 _LLAMA_CPP_TYPES = ("16", "[q8_0]", "[q4_0]", "[q4_1]")  # f16 and the block types; K and V chosen apart
@@ -183,6 +187,7 @@ _LLAMA_CPP_PAIRS = tuple(f"k{k}v{v}" for k in _LLAMA_CPP_TYPES for v in _LLAMA_C
 FORMAT_SETS = {
     "int": _INT_PAIRS,
     "int+": _INT_PLUS_PAIRS,
+    "int+g": _INT_PLUS_G_PAIRS,
     "vllm": _VLLM_PAIRS,
     "llama.cpp": _LLAMA_CPP_PAIRS,
     "engine": tuple(dict.fromkeys(_VLLM_PAIRS + _LLAMA_CPP_PAIRS)),
@@ -191,16 +196,17 @@ FORMAT_SETS = {
 
 
 def resolve_formats(text: str) -> list[str]:
-    """A set name (``int``, ``int+``, ``vllm``, ``llama.cpp``, ``engine``, ``all``) or a comma-separated list
-    of pairs → canonical pair names, in order, without repeats."""
+    """A set name (``int``, ``int+``, ``int+g``, ``vllm``, ``llama.cpp``, ``engine``, ``all``) or a
+    comma-separated list of candidates (``k4v2``, ``k2v2g64``, ``k3v3r128``) → canonical names, in
+    order, without repeats."""
     from kvtune.errors import PlanError
-    from kvtune.plan import pair_name, parse_pair
+    from kvtune.plan import candidate_name, parse_candidate
 
     text = text.strip()
     items = FORMAT_SETS.get(text.lower()) or [p for p in text.split(",") if p.strip()]
     if not items:
         raise PlanError(f"--formats is empty: give one of {sorted(FORMAT_SETS)} or a list like k8v4,k[fp8]v[nvfp4]")
     try:
-        return list(dict.fromkeys(pair_name(*parse_pair(p)) for p in items))
+        return list(dict.fromkeys(candidate_name(*parse_candidate(p)) for p in items))
     except PlanError as e:
         raise PlanError(f"--formats {text!r}: {e}; named sets: {sorted(FORMAT_SETS)}") from None

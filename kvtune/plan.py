@@ -15,7 +15,7 @@ from typing import Any
 
 from kvtune.errors import PlanError
 from kvtune.formats import ENGINE_FORMATS
-from kvtune.quant import FULL_BITS, QuantSpec
+from kvtune.quant import FULL_BITS, MAX_GROUP, QuantSpec
 
 SCHEMA = "kvtune.plan"
 SCHEMA_VERSION = 2  # 2: K and V may name an engine format (fp8, nvfp4, q8_0, …); version 1 files still load
@@ -30,6 +30,8 @@ DEFAULT_RESIDUAL = 32
 MAX_TOKENS = 1 << 24  # residual windows and sliding windows; no context is longer
 _SHAPE_LIMITS = {"num_layers": 1 << 12, "num_kv_heads": 1 << 12, "head_dim": 1 << 14}  # far beyond any model
 _PAIR_RE = re.compile(r"^k(\d+|\[[a-z0-9_]+\])v(\d+|\[[a-z0-9_]+\])$", re.IGNORECASE)
+# A candidate: a pair, optionally with its own group size (g) and full-precision window (r), e.g. K2V2g64r0.
+_CANDIDATE_RE = re.compile(r"^(k(?:\d+|\[[a-z0-9_]+\])v(?:\d+|\[[a-z0-9_]+\]))(?:g(\d+))?(?:r(\d+))?$", re.IGNORECASE)
 Label = int | str  # a K or V format inside a pair: an integer width, or an engine format's name
 
 
@@ -154,6 +156,15 @@ class LayerPlan:
     def nominal_bits(self) -> float:
         return (self.key.bits + self.value.bits) / 2
 
+    @property
+    def candidate(self) -> str:
+        """The pair with its group and window where they differ from kvtune's defaults: ``K2V2g64``."""
+        integers = [s for s in (self.key, self.value) if s.is_quantized and not s.is_engine]
+        groups = {s.group_size for s in integers}
+        group = groups.pop() if len(groups) == 1 else None
+        residual = self.residual if integers and self.residual != DEFAULT_RESIDUAL else None
+        return candidate_name(label_of(self.key), label_of(self.value), None if group in (None, DEFAULT_GROUP_SIZE) else group, residual)
+
     @classmethod
     def from_pair(
         cls,
@@ -163,8 +174,12 @@ class LayerPlan:
         group_size: int = DEFAULT_GROUP_SIZE,
         residual: int = DEFAULT_RESIDUAL,
     ) -> LayerPlan:
-        k_label, v_label = parse_pair(pair)
-        return cls(spec_from_label(k_label, key_mode, group_size), spec_from_label(v_label, value_mode, group_size), residual)
+        """A pair or candidate name (``k4v2``, ``k2v2g64r0``); a candidate's own group and window
+        replace ``group_size`` and ``residual``."""
+        k_label, v_label, group, window = parse_candidate(pair)
+        group = group_size if group is None else group
+        residual = residual if window is None else window
+        return cls(spec_from_label(k_label, key_mode, group), spec_from_label(v_label, value_mode, group), residual)
 
     def cache_bytes(self, tokens: int, shape: ModelShape, batch: int = 1, window: int = 0) -> int:
         """Real bytes of this layer's K and V after ``tokens`` tokens: packed codes, fp16
@@ -198,6 +213,31 @@ def parse_pair(pair: str) -> tuple[Label, Label]:
             "brackets (e.g. k[fp8]v[nvfp4])"
         )
     return _label(match.group(1)), _label(match.group(2))
+
+
+def parse_candidate(text: str) -> tuple[Label, Label, int | None, int | None]:
+    """``k2v2g64r0`` → (2, 2, 64, 0); ``k4v2`` → (4, 2, None, None): None means the profile's own
+    group size and window. Group and window apply to integer widths only (engine formats bring
+    their own blocks and keep no window)."""
+    match = _CANDIDATE_RE.match(text.strip())
+    if not match:
+        raise PlanError(f"cannot read {text!r} as a candidate: expected k<bits>v<bits> (e.g. k4v2) or engine formats "
+                        "in brackets (e.g. k[fp8]v[nvfp4]), optionally with a group size and window (k2v2g64, k3v3g64r128)")
+    k, v = parse_pair(match.group(1))
+    group = None if match.group(2) is None else int(match.group(2))
+    residual = None if match.group(3) is None else int(match.group(3))
+    if (group is not None or residual is not None) and not any(isinstance(x, int) and x != FULL_BITS for x in (k, v)):
+        raise PlanError(f"{text!r}: a group size (g) or window (r) applies to integer widths, and {pair_name(k, v)} has none")
+    if group is not None and not 1 <= group <= MAX_GROUP:
+        raise PlanError(f"{text!r}: group size must be 1..{MAX_GROUP}, got {group}")
+    if residual is not None and residual > MAX_TOKENS:
+        raise PlanError(f"{text!r}: window must be 0..{MAX_TOKENS}, got {residual}")
+    return k, v, group, residual
+
+
+def candidate_name(k: Label, v: Label, group: int | None = None, residual: int | None = None) -> str:
+    """The one spelling of a candidate: ``K4V2``, ``K2V2g64``, ``K3V3g64r128``."""
+    return pair_name(k, v) + ("" if group is None else f"g{group}") + ("" if residual is None else f"r{residual}")
 
 
 def pair_name(k: Label, v: Label) -> str:
@@ -239,6 +279,11 @@ class Plan:
     @property
     def pairs(self) -> list[str]:
         return [layer.pair for layer in self.layers]
+
+    @property
+    def candidates(self) -> list[str]:
+        """Per layer, the pair with its own group and window (:attr:`LayerPlan.candidate`)."""
+        return [layer.candidate for layer in self.layers]
 
     def nominal_bits(self) -> float:
         """Average nominal K/V width over all layers (KVTuner's '3.25 bits' convention).
@@ -423,7 +468,7 @@ _KIVI = dict(key_mode="per-channel", value_mode="per-token", group_size=32, resi
 
 PRESET_FORMS = {
     "fp16": "every layer keeps K and V as they are",
-    "uniform:k<b>v<b>": "every layer at one pair with kvtune's defaults (e.g. uniform:k4v2)",
+    "uniform:k<b>v<b>": "every layer at one pair with kvtune's defaults (e.g. uniform:k4v2), or a candidate with its own group and window (uniform:k2v2g64r0)",
     "kivi:<b>": "KIVI's setting at b bits for K and V (per-channel K, per-token V, group 32, residual 128)",
 }
 
@@ -450,7 +495,7 @@ def resolve_plan(spec: str | Path, num_layers: int, head_dim: int | None = None)
         if not bits.isdigit():
             raise PlanError(f"cannot read {text!r}: expected kivi:<bits>, e.g. kivi:2")
         return Plan.uniform(f"k{bits}v{bits}", num_layers, name=lowered, **{**_KIVI, **group})
-    if _PAIR_RE.match(lowered):
+    if _CANDIDATE_RE.match(lowered):
         return Plan.uniform(lowered, num_layers, **group)
     path = Path(text)
     if path.suffix == ".json" or path.exists():

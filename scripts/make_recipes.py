@@ -3,7 +3,7 @@
     .venv/bin/python scripts/make_recipes.py recipes/smollm2-135m/recipe.json
 
 Profiles once (into outputs/recipes/<model>/profile, resumable), then searches every budget and
-copies each chosen plan next to the recipe.
+copies each chosen plan and its front plot next to the recipe.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from kvtune.errors import ProfileError
+from kvtune.formats import resolve_formats
 from kvtune.profiling import ProfileSettings, run_profile
 from kvtune.search import SearchSettings, run_search
 
@@ -22,14 +24,23 @@ def main(recipe_path: str) -> None:
     recipe = json.loads(recipe_file.read_text())
     work = Path("outputs/recipes") / recipe["model"]
     p = dict(recipe["profile"])
-    p["pairs"] = p["pairs"].split(",")
+    p["pairs"] = resolve_formats(p["pairs"])  # a set name (int+g) or a list of candidates
     p["seq_len"] = p.pop("max_tokens")
-    run_profile(ProfileSettings(model=recipe["model"], data=recipe["data"], **p), work / "profile")
+    settings = ProfileSettings(model=recipe["model"], data=recipe["data"], **p)
+    try:
+        run_profile(settings, work / "profile")
+    except ProfileError as e:  # a profile of an earlier recipe: the recipe is what counts
+        if "other settings" not in str(e):
+            raise
+        print(f"{work / 'profile'} holds an earlier recipe's profile; profiling afresh")
+        run_profile(settings, work / "profile", fresh=True)
     s = dict(recipe["search"])
     for budget in s.pop("budgets"):
-        result = run_search(SearchSettings(profile=str(work / "profile"), budget=budget, **s), work / f"search-{budget}")
+        result = run_search(SearchSettings(profile=str(work / "profile"), budget=budget, **s), work / f"search-{budget}",
+                            overwrite=True)
         target = recipe_file.parent / f"plan-{budget}.json"
         shutil.copyfile(work / f"search-{budget}" / "plan.json", target)
+        shutil.copyfile(work / f"search-{budget}" / "front.png", recipe_file.parent / f"front-{budget}.png")
         md = result.plan.metadata
         print(f"{target}: {md['nominal_bits']:.3f} nominal bits, {md['effective_bits']:.2f} effective, verified NLL {md['verified_nll']:.4f}")
 

@@ -55,7 +55,7 @@ def test_help_shows_pair_names_and_every_export_format():
     from kvtune.export import FORMATS
 
     profile_help = runner.invoke(app, ["profile", "--help"], terminal_width=200).output
-    assert "k8v4,k[fp8]v[nvfp4]" in profile_help
+    assert "k8v4,k2v2g64,k3v3r128,k[fp8]v[nvfp4]" in profile_help
     export_help = runner.invoke(app, ["export", "--help"], terminal_width=400).output
     assert all(fmt in export_help for fmt in FORMATS), export_help
 

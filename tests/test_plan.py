@@ -119,3 +119,18 @@ def test_presets():
         resolve_plan("uniform:k7v7", 2)
     with pytest.raises(PlanError, match="expected kivi:<bits>"):
         resolve_plan("kivi:two", 2)
+
+
+def test_candidates_name_their_own_group_and_window():
+    from kvtune.plan import LayerPlan, candidate_name, parse_candidate
+
+    assert parse_candidate("k2v2g64r0") == (2, 2, 64, 0) and parse_candidate("K4V2") == (4, 2, None, None)
+    assert candidate_name(*parse_candidate("k3v3G64R128")) == "K3V3g64r128"
+    assert candidate_name(*parse_candidate("k[fp8]v2g16")) == "K[fp8]V2g16"
+    layer = LayerPlan.from_pair("k2v2g64r0")
+    assert (layer.key.group_size, layer.value.group_size, layer.residual, layer.pair, layer.candidate) == (64, 64, 0, "K2V2", "K2V2g64r0")
+    assert LayerPlan.from_pair("k4v2").candidate == "K4V2"
+    for bad, message in (("k16v16g64", "applies to integer widths"), ("k[fp8]v[nvfp4]r0", "applies to integer widths"),
+                         ("k2v2g0", "group size must be"), ("k2v2x", "cannot read"), ("k7v2g64", "unknown bit width 7")):
+        with pytest.raises(PlanError, match=message):
+            parse_candidate(bad)

@@ -6,13 +6,15 @@ import pytest
 
 import kvtune.profiling.profile as profile_module
 from kvtune.errors import ProfileError
-from kvtune.plan import ModelShape
+from kvtune.formats import FORMAT_SETS
+from kvtune.plan import ModelShape, pair_name
 from kvtune.profiling import Profile, ProfileSettings, run_profile
 from kvtune.profiling.measure import LayerReplay
 
 
 def _settings(model_dir, **kw):
-    base = dict(model=model_dir, seq_len=64, windows=2, batch_size=1, group_size=8, residual=4, validate_windows=1)
+    base = dict(model=model_dir, seq_len=64, windows=2, batch_size=1, group_size=8, residual=4, validate_windows=1,
+                pairs=list(FORMAT_SETS["int"]), validate_layers=[0, 1, 2])
     base.update(kw)
     return ProfileSettings(**base)
 
@@ -177,12 +179,45 @@ def test_probe_errors_equal_simulated_attention_per_pair():
 
     assert sums.reference == pytest.approx(exact.pow(2).sum().item())
     for kb in (8, 4, 2):
-        assert sums.key_only[kb] == pytest.approx(direct(kb, 16), rel=1e-9)
+        assert sums.key_only[str(kb)] == pytest.approx(direct(kb, 16), rel=1e-9)
     for vb in (4, 2):
-        assert sums.value_only[vb] == pytest.approx(direct(16, vb), rel=1e-9)
+        assert sums.value_only[str(vb)] == pytest.approx(direct(16, vb), rel=1e-9)
     for pair in [(8, 4), (4, 4), (4, 2), (2, 4), (2, 2)] + engine[:3]:
-        assert sums.joint[pair] == pytest.approx(direct(*pair), rel=1e-9)
+        assert sums.joint[pair_name(*pair)] == pytest.approx(direct(*pair), rel=1e-9)
     assert sums.key_only["fp8"] == pytest.approx(direct("fp8", 16), rel=1e-9)
+
+
+def test_probe_errors_of_candidates_with_their_own_group_and_window():
+    """Candidates differing only in group size or window get their own errors, equal to simulation
+    of the layer plan they stand for (per-channel keys of group 16 read in steps of 16 tokens)."""
+    import torch
+
+    from kvtune.profiling.probe import Candidates, Probe
+    from kvtune.simulate import simulated_attention
+
+    torch.manual_seed(1)
+    q = torch.randn(1, 4, 48, 32, dtype=torch.float64)
+    k, v = torch.randn(1, 2, 48, 32, dtype=torch.float64), torch.randn(1, 2, 48, 32, dtype=torch.float64)
+    names = ["k16v16", "k4v2", "k4v2g16", "k2v2r0", "k2v2g16r12", "k16v2g16", "k[fp8]v2g16"]
+    c = Candidates(names, "per-channel", "per-token", 8, 4)
+    assert c.names == ["K16V16", "K4V2", "K4V2g16", "K2V2r0", "K2V2g16r12", "K16V2g16", "K[fp8]V2g16"]
+    assert Candidates(["k4v2g8r4", "k4v2g8r5"], "per-channel", "per-token", 8, 4).names == ["K4V2", "K4V2r5"]
+    probe = Probe(c, 1)
+    exact = simulated_attention(q, k, v, c.layer_plan(16, 16), 0.3)
+    probe._accumulate_errors(0, q, k, v, exact, 0.3, None)
+    sums = probe.errors[0]
+
+    def direct(p):
+        return (simulated_attention(q, k, v, c.layer_plan(*p), 0.3) - exact).pow(2).sum().item()
+
+    assert c.layer_plan(*c.pairs[4]).key.group_size == 16 and c.layer_plan(*c.pairs[4]).residual == 12
+    for name, p in zip(c.names, c.pairs):
+        if not name.startswith("K16"):  # one side only: the value_only sums
+            assert sums.joint[name] == pytest.approx(direct(p), rel=1e-9), name
+    assert sums.key_only["4g16"] == pytest.approx(direct((4, 16, 16, None)), rel=1e-9)
+    assert sums.value_only["2g16r12"] == pytest.approx(direct((16, 2, 16, 12)), rel=1e-9)
+    assert sums.joint["K4V2g16"] != pytest.approx(sums.joint["K4V2"], rel=1e-3)
+    assert sums.value_only["2g16"] == pytest.approx(direct((16, 2, 16, None)), rel=1e-9)
 
 
 def test_taylor_terms_of_each_format_family_do_not_depend_on_the_other():
@@ -204,8 +239,25 @@ def test_taylor_terms_of_each_format_family_do_not_depend_on_the_other():
         (out - target).pow(2).sum().backward()
         return probe.first_order_terms(0)
 
-    both = terms([(4, 2), ("fp8", "nvfp4")])
+    both = terms([(4, 2), ("fp8", "nvfp4"), (4, 2, 16, 0)])
     ints, engines = terms([(4, 2)]), terms([("fp8", "nvfp4")])
-    assert torch.allclose(both["k"][4], ints["k"][4]) and torch.allclose(both["v"][2], ints["v"][2])
+    variant = terms([(4, 2, 16, 0)])
+    assert torch.allclose(both["k"]["4"], ints["k"]["4"]) and torch.allclose(both["v"]["2"], ints["v"]["2"])
     assert torch.allclose(both["k"]["fp8"], engines["k"]["fp8"]) and torch.allclose(both["v"]["nvfp4"], engines["v"]["nvfp4"])
-    assert not torch.allclose(both["k"][4], 0 * both["k"][4])
+    assert torch.allclose(both["k"]["4g16r0"], variant["k"]["4g16r0"]) and torch.allclose(both["v"]["2g16r0"], variant["v"]["2g16r0"])
+    assert not torch.allclose(both["k"]["4"], 0 * both["k"]["4"])
+    assert not torch.allclose(both["k"]["4"], both["k"]["4g16r0"])
+
+
+def test_default_set_fits_candidate_groups_to_the_head_size(tiny_model_dir, tmp_path, capsys):
+    """int+g's group-64 candidates on head_dim 32: per-token groups of 32, printed; one equal to
+    another after fitting would be dropped."""
+    settings, shape = ProfileSettings(model=tiny_model_dir, group_size=8, residual=4, seq_len=128).check(tmp_path / "p")
+    assert shape.head_dim == 32 and len(settings.pairs) == len(FORMAT_SETS["int+g"])
+    assert "K2V2g32" in settings.pairs and "K2V2g64" not in settings.pairs
+    assert "per-token groups of 32 are used" in capsys.readouterr().out
+    fitted, _ = ProfileSettings(model=tiny_model_dir, group_size=32, residual=4, seq_len=128,
+                                pairs=["k2v2", "k2v2g64"]).check(tmp_path / "q")
+    assert fitted.pairs == ["K2V2"]
+    with pytest.raises(ProfileError, match="candidate K2V2r124: windows of 128 tokens leave nothing"):
+        ProfileSettings(model=tiny_model_dir, group_size=8, residual=4, seq_len=128, pairs=["k2v2r124"]).check(tmp_path / "r")

@@ -51,21 +51,28 @@ def test_clustering_is_deterministic_and_outliers_stand_alone():
     assert [5] in with_outlier and len(with_outlier) == 3
 
 
-def _synthetic_profile(folder, layers=12, seed=0):
-    """A profile table with a realistic shape: cost rises as bits drop, layers differ in scale."""
+def _synthetic_profile(folder, layers=12, seed=0, variants=()):
+    """A profile table with a realistic shape: cost rises as bits drop, layers differ in scale.
+    ``variants``: candidates with a group of 32 (the profile's is 8), 10 % costlier than their pair."""
     rng = np.random.default_rng(seed)
     rows = []
     scale = np.exp(rng.normal(0, 1.0, layers))
+    pairs = PAIRS + list(variants)
     for layer in range(layers):
-        for pair in PAIRS:
-            k, v = int(pair[1:].split("V")[0]), int(pair.split("V")[1])
-            base = 0.0 if (k, v) == (16, 16) else (2.0 ** (-k) * 3 + 2.0 ** (-v)) * scale[layer] * rng.uniform(0.8, 1.2)
+        costs = {}
+        for pair in pairs:
+            k, v = int(pair[1:].split("V")[0]), int(pair.split("V")[1].split("g")[0])
+            if "g" in pair:
+                base = 1.1 * costs[pair.split("g")[0]]
+            else:
+                base = 0.0 if (k, v) == (16, 16) else (2.0 ** (-k) * 3 + 2.0 ** (-v)) * scale[layer] * rng.uniform(0.8, 1.2)
+            costs[pair] = base
             rows.append({"layer": layer, "pair": pair, "k_bits": k, "v_bits": v, "nominal_bits": (k + v) / 2,
                          "attn_err": base, "attn_err_k": base, "attn_err_v": base, "taylor": base,
                          "taylor_signed": base, "taylor_abs": base, "taylor_elem": base, "taylor_fisher": base,
                          "measured_dnll": np.nan, "measured_kl": np.nan})
     meta = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": "synthetic",
-            "shape": {"num_layers": layers, "num_kv_heads": 2, "head_dim": 32}, "pairs": PAIRS,
+            "shape": {"num_layers": layers, "num_kv_heads": 2, "head_dim": 32}, "pairs": pairs,
             "settings": {"key_mode": "per-channel", "value_mode": "per-token", "group_size": 8, "residual": 4,
                          "model": "synthetic", "data": "enwiki"}}
     Profile(pd.DataFrame(rows), meta).save(folder)
@@ -138,6 +145,28 @@ def test_bytes_budget(tmp_path):
                         tmp_path / "s", progress=False)
     assert (result.front["cache_bytes"] <= fp / 2 * 1.0001).all()
     assert result.plan.metadata["context"] == 4096
+
+
+def test_larger_groups_compete_on_real_memory_only(tmp_path):
+    """A candidate with its own (larger) group has the pair's nominal bits and fewer bytes: a bits
+    budget never picks it (same bits, more loss), a bytes budget between the two does."""
+    from kvtune.search.search import allowed_pairs
+
+    profile = _synthetic_profile(tmp_path / "profile", variants=["K2V2g32", "K4V2g32"])
+    loaded = Profile.load(profile)
+    assert [loaded.pairs[j] for j in allowed_pairs(loaded, "k2v2g8,k2v2g32")] == ["K2V2", "K2V2g32"]  # g8 is the profile's own
+    by_bits = run_search(SearchSettings(profile=str(profile), budget="2.5bits", verify=0, generations=40), tmp_path / "b", progress=False)
+    assert all(layer.key.group_size == 8 for layer in by_bits.plan.layers)
+    shape = loaded.shape
+    small, large = (Plan.uniform("k2v2", 12, group_size=g, residual=4).cache_bytes(shape, 4096) for g in (8, 32))
+    assert large < small
+    budget = f"{(large + small) / 2 / 2**20:.4f}MiB@4096"
+    result = run_search(SearchSettings(profile=str(profile), budget=budget, verify=0, generations=60), tmp_path / "s", progress=False)
+    groups = {layer.key.group_size for layer in result.plan.layers}
+    assert 32 in groups and result.plan.cache_bytes(shape, 4096) <= (large + small) / 2 * 1.0001
+    assert {layer.value.group_size for layer in result.plan.layers} == groups  # a candidate's group is K's and V's
+    chosen = result.front.loc[result.front["chosen"]].iloc[0]
+    assert "g32" in chosen["pairs"] and Plan.load(tmp_path / "s" / "plan.json").layers == result.plan.layers
 
 
 @pytest.mark.slow

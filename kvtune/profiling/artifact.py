@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from kvtune.errors import ProfileError
-from kvtune.plan import ModelShape, pair_name, parse_pair
+from kvtune.plan import ModelShape, candidate_name, parse_candidate
 
 SCHEMA = "kvtune.profile"
 SCHEMA_VERSION = 1
@@ -117,7 +117,7 @@ def _validate(table: pd.DataFrame, meta, where: Path) -> None:
         raise ProfileError(f"{where}/{META_FILE}: 'pairs' must be a non-empty list of pair names like \"K4V2\"")
     for p in pairs:
         try:
-            canonical = pair_name(*parse_pair(p))
+            canonical = candidate_name(*parse_candidate(p))
         except ValueError as e:
             raise ProfileError(f"{where}/{META_FILE}: 'pairs': {e}") from None
         if p != canonical:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from kvtune.plan import Label, LayerPlan, spec_from_label
+from kvtune.plan import FULL_BITS, Label, LayerPlan, candidate_name, parse_candidate, spec_from_label
 from kvtune.quant import QuantSpec
 from kvtune.simulate import causal_softmax, fake_quantize_prefix, seen_quantized
 
@@ -23,57 +24,106 @@ PROBE_NAME = "kvtune_probe"
 FP = QuantSpec(16)
 
 
-def _order(label) -> tuple:
-    return (isinstance(label, str), str(label) if isinstance(label, str) else -label)
+class Side(NamedTuple):
+    """How a candidate stores one of K or V: a width or engine format, and for integer widths a
+    group size and window of its own (None: the candidates' shared setting)."""
+
+    label: Label
+    group: int | None = None
+    residual: int | None = None
+
+    @property
+    def name(self) -> str:
+        """``4``, ``fp8``, ``2g64``, ``3g64r0``: the key of this side in the profile's sums."""
+        return str(self.label) + ("" if self.group is None else f"g{self.group}") + ("" if self.residual is None else f"r{self.residual}")
+
+    @property
+    def is_full(self) -> bool:
+        return self.label == FULL_BITS
+
+
+def _order(side: Side) -> tuple:
+    label = side.label
+    return (isinstance(label, str), str(label) if isinstance(label, str) else -label, side.group or 0, side.residual or 0)
 
 
 @dataclass
 class Candidates:
-    """The pairs under study and the quantization setting the integer ones share.
+    """The candidates under study and the quantization setting the integer ones share.
 
-    A pair is two labels (:data:`kvtune.plan.Label`): an integer width, or an engine format name.
-    The attributes named ``*_bits`` hold labels (historical name: they were widths only)."""
+    ``pairs`` lists (K label, V label) or (K label, V label, group, residual) tuples, or candidate
+    names (``K4V2``, ``K2V2g64r0``); a label is an integer width or an engine format's name
+    (:data:`kvtune.plan.Label`). A candidate's group or window equal to the shared one is the
+    same candidate as without it, and is written without it."""
 
-    pairs: list[tuple[Label, Label]]
+    pairs: list
     key_mode: str
     value_mode: str
     group_size: int
     residual: int
 
+    def __post_init__(self):
+        entries = []
+        for p in self.pairs:
+            k, v, group, residual = parse_candidate(p) if isinstance(p, str) else (tuple(p) + (None, None))[:4]
+            group = None if group == self.group_size else group
+            residual = None if residual == self.residual else residual
+            entries.append((k, v, group, residual))
+        self.pairs = entries
+
+    @property
+    def names(self) -> list[str]:
+        return [candidate_name(*p) for p in self.pairs]
+
+    def sides(self, k: Label, v: Label, group: int | None = None, residual: int | None = None) -> tuple[Side, Side]:
+        """Each side keeps the group and window only where they matter (integer widths)."""
+        own = lambda label: Side(label, group, residual) if isinstance(label, int) and label != FULL_BITS else Side(label)  # noqa: E731
+        return own(k), own(v)
+
+    def spec(self, side: Side, which: str) -> QuantSpec:
+        mode = self.key_mode if which == "key" else self.value_mode
+        return spec_from_label(side.label, mode, self.group_size if side.group is None else side.group)
+
+    def window(self, side: Side) -> int:
+        return self.residual if side.residual is None else side.residual
+
+    def layer_plan(self, k: Label, v: Label, group: int | None = None, residual: int | None = None) -> LayerPlan:
+        key, value = self.sides(k, v, group, residual)
+        return LayerPlan(self.spec(key, "key"), self.spec(value, "value"), self.residual if residual is None else residual)
+
     def key_spec(self, label: Label) -> QuantSpec:
-        return spec_from_label(label, self.key_mode, self.group_size)
+        return self.spec(Side(label), "key")
 
     def value_spec(self, label: Label) -> QuantSpec:
-        return spec_from_label(label, self.value_mode, self.group_size)
-
-    def layer_plan(self, k: Label, v: Label) -> LayerPlan:
-        return LayerPlan(self.key_spec(k), self.value_spec(v), self.residual)
+        return self.spec(Side(label), "value")
 
     @property
-    def key_bits(self) -> list[Label]:
-        return sorted({k for k, _ in self.pairs if k != 16}, key=_order)
+    def key_sides(self) -> list[Side]:
+        return sorted({self.sides(*p)[0] for p in self.pairs} - {Side(FULL_BITS)}, key=_order)
 
     @property
-    def value_bits(self) -> list[Label]:
-        return sorted({v for _, v in self.pairs if v != 16}, key=_order)
+    def value_sides(self) -> list[Side]:
+        return sorted({self.sides(*p)[1] for p in self.pairs} - {Side(FULL_BITS)}, key=_order)
 
-    @property
-    def families(self) -> list[str]:
-        """Which read patterns occur: ``int`` (residual window) and/or ``engine`` (every token)."""
-        labels = self.key_bits + self.value_bits
-        return [f for f, present in (("int", any(isinstance(x, int) for x in labels)),
-                                     ("engine", any(isinstance(x, str) for x in labels))) if present]
+    def pattern(self, side: Side, which: str) -> tuple[int, int]:
+        """Which positions each query reads from the quantized store depends only on the token
+        granularity and the window, not on the width: sides of one pattern share a gradient view."""
+        spec = self.spec(side, which)
+        return spec.token_granularity, spec.window(self.window(side))
 
+    def seen(self, side: Side, which: str, length: int, device=None) -> torch.Tensor:
+        return seen_quantized(self.spec(side, which), self.window(side), length, device)
 
-def family(label: Label) -> str:
-    return "engine" if isinstance(label, str) else "int"
+    def shifted(self, x: torch.Tensor, side: Side, which: str) -> torch.Tensor:
+        """``x`` as the store serves it: the quantized prefix fake-quantized, the window exact."""
+        return fake_quantize_prefix(x, self.spec(side, which), self.window(side))
 
 
 @dataclass
 class LayerCapture:
     key: torch.Tensor
     value: torch.Tensor
-    dk: dict  # family -> zero tensor whose gradient is dLoss/dK as read quantized by that family
+    dk: dict  # read pattern -> zero tensor whose gradient is dLoss/dK as read through that pattern
     dv: dict
 
 
@@ -82,9 +132,9 @@ class ErrorSums:
     """Sums of squared attention-output deviations, so errors pool over windows exactly."""
 
     reference: float = 0.0
-    joint: dict = field(default_factory=dict)  # (k_bits, v_bits) -> float
-    key_only: dict = field(default_factory=dict)  # k_bits -> float
-    value_only: dict = field(default_factory=dict)  # v_bits -> float
+    joint: dict = field(default_factory=dict)  # candidate name -> float
+    key_only: dict = field(default_factory=dict)  # key side name -> float
+    value_only: dict = field(default_factory=dict)  # value side name -> float
 
 
 class Probe:
@@ -100,96 +150,101 @@ class Probe:
         softcap, sinks = attention_extras(module, kwargs, attention_mask, dropout)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         layer, length = self.plan_index[module.layer_idx], query.shape[-2]
-        families = self.c.families or ["int"]
-        dk = {f: torch.zeros_like(key, requires_grad=True) for f in families}
-        dv = {f: torch.zeros_like(value, requires_grad=True) for f in families}
+        # The read pattern depends on the token granularity and window, not on the width. At
+        # dk = dv = 0 the attention is exact and linear in each view's perturbation, so one pass
+        # gives every pattern's gradient.
+        key_views = {self.c.pattern(s, "key"): s for s in self.c.key_sides}
+        value_views = {self.c.pattern(s, "value"): s for s in self.c.value_sides}
+        dk = {p: torch.zeros_like(key, requires_grad=True) for p in key_views}
+        dv = {p: torch.zeros_like(value, requires_grad=True) for p in value_views}
         self.captures[layer] = LayerCapture(key.detach(), value.detach(), dk, dv)
-        # The read pattern depends on the family (mode, group and residual for integers; every
-        # earlier token for engine formats), not on the width. At dk = dv = 0 the attention is
-        # exact and linear in each view's perturbation, so one pass gives every family's gradient.
-        views = [(dk[f], dv[f], self._seen(f, "key", length, query.device), self._seen(f, "value", length, query.device))
-                 for f in families]
-        out = perturbed_attention(query, key, value, views, scaling, attention_mask, softcap, sinks)
+        out = perturbed_attention(
+            query, key, value,
+            [(dk[p], self.c.seen(s, "key", length, query.device)) for p, s in key_views.items()],
+            [(dv[p], self.c.seen(s, "value", length, query.device)) for p, s in value_views.items()],
+            scaling, attention_mask, softcap, sinks,
+        )
         with torch.no_grad():
             sinks_now = None if sinks is None else sinks.detach()
             self._accumulate_errors(layer, query.detach(), key.detach(), value.detach(), out.detach(), scaling, attention_mask,
                                     softcap, sinks_now)
         return out.transpose(1, 2).contiguous(), None
 
-    def _seen(self, fam: str, which: str, length: int, device) -> torch.Tensor:
-        label = "fp8" if fam == "engine" else 8  # any member of the family reads the same way
-        spec = self.c.key_spec(label) if which == "key" else self.c.value_spec(label)
-        return seen_quantized(spec, self.c.residual, length, device)
-
     def _accumulate_errors(self, layer, q, k, v, out, scaling, mask, softcap=None, sinks=None) -> None:
-        """All one-sided and joint errors of this layer from 1 + |K widths| softmaxes.
+        """All one-sided and joint errors of this layer from 1 + |key sides| softmaxes.
 
-        Same arithmetic as :func:`~kvtune.simulate.simulated_attention` for each pair, with the
-        shared parts computed once: scores per K width, and P·V + (P⊙M)·(V̂ − V) per V width.
+        Same arithmetic as :func:`~kvtune.simulate.simulated_attention` for each candidate, with
+        the shared parts computed once: scores per key side, and P·V + (P⊙M)·(V̂ − V) per value side.
         """
         length, groups = q.shape[-2], q.shape[1] // k.shape[1]
-        residual = self.c.residual
-        key_seen = {f: self._seen(f, "key", length, q.device) for f in ("int", "engine")}
-        value_seen = {f: self._seen(f, "value", length, q.device).to(q.dtype) for f in ("int", "engine")}
         exact_scores = torch.matmul(q, k.repeat_interleave(groups, 1).transpose(-1, -2))
         v_rep = v.repeat_interleave(groups, 1)
-        v_shift = {
-            b: (fake_quantize_prefix(v, self.c.value_spec(b), residual) - v).repeat_interleave(groups, 1)
-            for b in self.c.value_bits
-        }
+        value_seen = {}
+        v_shift = {}
+        for side in self.c.value_sides:
+            v_shift[side] = (self.c.shifted(v, side, "value") - v).repeat_interleave(groups, 1)
+            pattern = self.c.pattern(side, "value")
+            if pattern not in value_seen:
+                value_seen[pattern] = self.c.seen(side, "value", length, q.device).to(q.dtype)
         sums = self.errors[layer]
         sums.reference += out.double().pow(2).sum().item()
 
         def deviation(approx) -> float:
             return (approx.double() - out.double()).pow(2).sum().item()
 
-        for k_bits in [16] + self.c.key_bits:
+        entries = [(self.c.sides(*p), candidate_name(*p)) for p in self.c.pairs]
+        for key_side in [Side(FULL_BITS)] + self.c.key_sides:
             scores = exact_scores
-            if k_bits != 16:
-                k_hat = fake_quantize_prefix(k, self.c.key_spec(k_bits), residual).repeat_interleave(groups, 1)
-                scores = torch.where(key_seen[family(k_bits)], torch.matmul(q, k_hat.transpose(-1, -2)), exact_scores)
+            if not key_side.is_full:
+                k_hat = self.c.shifted(k, key_side, "key").repeat_interleave(groups, 1)
+                scores = torch.where(self.c.seen(key_side, "key", length, q.device), torch.matmul(q, k_hat.transpose(-1, -2)),
+                                     exact_scores)
             probs = causal_softmax(scores, scaling, mask, q.dtype, softcap, sinks)
             base = torch.matmul(probs, v_rep)
-            if k_bits != 16:
-                sums.key_only[k_bits] = sums.key_only.get(k_bits, 0.0) + deviation(base)
-            wanted = self.c.value_bits if k_bits == 16 else [vb for kb, vb in self.c.pairs if kb == k_bits and vb != 16]
-            masked = {f: probs * value_seen[f] for f in {family(vb) for vb in wanted}}
-            for v_bits in wanted:
-                approx = base + torch.matmul(masked[family(v_bits)], v_shift[v_bits])
-                if k_bits == 16:
-                    sums.value_only[v_bits] = sums.value_only.get(v_bits, 0.0) + deviation(approx)
+            if not key_side.is_full:
+                sums.key_only[key_side.name] = sums.key_only.get(key_side.name, 0.0) + deviation(base)
+            if key_side.is_full:
+                wanted = [(value_side, None) for value_side in self.c.value_sides]
+            else:
+                wanted = [(vs, name) for (ks, vs), name in entries if ks == key_side and not vs.is_full]
+            masked = {}
+            for value_side, name in wanted:
+                pattern = self.c.pattern(value_side, "value")
+                if pattern not in masked:
+                    masked[pattern] = probs * value_seen[pattern]
+                approx = base + torch.matmul(masked[pattern], v_shift[value_side])
+                if name is None:
+                    sums.value_only[value_side.name] = sums.value_only.get(value_side.name, 0.0) + deviation(approx)
                 else:
-                    sums.joint[(k_bits, v_bits)] = sums.joint.get((k_bits, v_bits), 0.0) + deviation(approx)
+                    sums.joint[name] = sums.joint.get(name, 0.0) + deviation(approx)
 
-    def first_order_terms(self, layer: int) -> dict[str, dict[int, torch.Tensor]]:
-        """Per window (dim 0): sum of g⊙Δ, of |g⊙Δ| and of (g⊙Δ)² for each K width and V width."""
+    def first_order_terms(self, layer: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Per window (dim 0): sum of g⊙Δ, of |g⊙Δ| and of (g⊙Δ)² for each key side and value side (by name)."""
         cap = self.captures[layer]
-        terms: dict[str, dict[int, torch.Tensor]] = {"k": {}, "v": {}}
-        for name, x, grad, bits_list, spec_of in (
-            ("k", cap.key, cap.dk, self.c.key_bits, self.c.key_spec),
-            ("v", cap.value, cap.dv, self.c.value_bits, self.c.value_spec),
-        ):
-            for b in bits_list:
-                grad_of_family = grad[family(b)].grad
-                gd = (grad_of_family * (fake_quantize_prefix(x, spec_of(b), self.c.residual) - x)).double().flatten(1)
-                terms[name][b] = torch.stack([gd.sum(1), gd.abs().sum(1), gd.pow(2).sum(1)], dim=1)
+        terms: dict[str, dict[str, torch.Tensor]] = {"k": {}, "v": {}}
+        for name, which, x, grad, sides in (("k", "key", cap.key, cap.dk, self.c.key_sides),
+                                             ("v", "value", cap.value, cap.dv, self.c.value_sides)):
+            for side in sides:
+                grad_of_pattern = grad[self.c.pattern(side, which)].grad
+                gd = (grad_of_pattern * (self.c.shifted(x, side, which) - x)).double().flatten(1)
+                terms[name][side.name] = torch.stack([gd.sum(1), gd.abs().sum(1), gd.pow(2).sum(1)], dim=1)
         return terms
 
 
-def perturbed_attention(query, key, value, views, scaling, attention_mask=None, softcap=None, sinks=None):
-    """Causal attention (GQA) plus, for each view ``(dk, dv, key_seen, value_seen)``, the
-    perturbation read where that view's (T, T) masks say a query reads the quantized store:
+def perturbed_attention(query, key, value, key_views, value_views, scaling, attention_mask=None, softcap=None, sinks=None):
+    """Causal attention (GQA) plus, for each key view ``(dk, seen)`` and value view ``(dv, seen)``,
+    the perturbation read where that view's (T, T) mask says a query reads the quantized store:
     scores = q·k + Σ seen⊙(q·dk), out = P·v + Σ (P⊙seen)·dv. With zero perturbations this is exact
     attention whose gradient w.r.t. each dk/dv is the one of that view alone."""
     groups = query.shape[1] // key.shape[1]
     rep = lambda x: x.repeat_interleave(groups, dim=1)  # noqa: E731
     scores = torch.matmul(query, rep(key).transpose(-1, -2))
-    for dk, _, key_seen, _ in views:
-        scores = scores + key_seen * torch.matmul(query, rep(dk).transpose(-1, -2))
+    for dk, seen in key_views:
+        scores = scores + seen * torch.matmul(query, rep(dk).transpose(-1, -2))
     probs = causal_softmax(scores, scaling, attention_mask, query.dtype, softcap, sinks)
     out = torch.matmul(probs, rep(value))
-    for _, dv, _, value_seen in views:
-        out = out + torch.matmul(probs * value_seen.to(probs.dtype), rep(dv))
+    for dv, seen in value_views:
+        out = out + torch.matmul(probs * seen.to(probs.dtype), rep(dv))
     return out
 
 

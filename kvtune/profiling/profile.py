@@ -40,6 +40,7 @@ from kvtune import inputs
 from kvtune.data import DEFAULT_DATA, load_windows
 from kvtune.arch import describe
 from kvtune.errors import ProfileError
+from kvtune.formats import FORMAT_SETS
 from kvtune.models import DEFAULT_MODEL, canonical_name, input_device, load_model, load_tokenizer
 from kvtune.quant import MODES
 from kvtune.plan import (
@@ -49,14 +50,17 @@ from kvtune.plan import (
     DEFAULT_RESIDUAL,
     DEFAULT_VALUE_MODE,
     fit_group_size,
+    candidate_name,
     pair_name,
+    parse_candidate,
     parse_pair,
 )
 from kvtune.profiling.artifact import HEATMAP_FILE, SCHEMA, SCHEMA_VERSION, Profile, save_heatmap, spearman
 from kvtune.profiling.measure import LayerReplay
 from kvtune.profiling.probe import Candidates, Probe, probing
 
-DEFAULT_PAIRS = ("k16v16", "k8v8", "k8v4", "k4v8", "k4v4", "k4v2", "k2v4", "k2v2")
+DEFAULT_FORMATS = "int+g"  # the --formats set profiled unless another is asked for (kvtune.formats.FORMAT_SETS)
+DEFAULT_PAIRS = FORMAT_SETS[DEFAULT_FORMATS]
 ESTIMATOR = "taylor_fisher"
 STATE_DIR = "state"
 VALIDATION_KEYS = ("validate_windows", "validate_pair", "validate_layers")
@@ -81,13 +85,14 @@ class ProfileSettings:
     residual: int = DEFAULT_RESIDUAL
     validate_windows: int = 2  # 0 skips the measured validation (no Spearman in the summary)
     validate_pair: str = "k2v2"
-    validate_layers: list[int] | None = None  # None: first, middle and last layer
+    validate_layers: list[int] | None = None  # None: the middle layer (every layer is measured at validate_pair)
 
     def candidates(self) -> Candidates:
-        pairs = [parse_pair(p) for p in self.pairs]
-        if len(set(pairs)) != len(pairs):
-            raise ProfileError(f"pairs listed twice in {self.pairs}")
-        return Candidates(pairs, self.key_mode, self.value_mode, self.group_size, self.residual)
+        c = Candidates(list(self.pairs), self.key_mode, self.value_mode, self.group_size, self.residual)
+        if len(set(c.names)) != len(c.names):
+            raise ProfileError(f"candidates listed twice in {self.pairs} (a group or window equal to the profile's own "
+                               f"--group-size {self.group_size} / --residual {self.residual} is the same candidate)")
+        return c
 
     def fingerprint(self) -> dict:
         """What the gradient stage depends on: not placement, not the measured validation (whose
@@ -132,18 +137,49 @@ class ProfileSettings:
             print(f"kvtune: note: head_dim {shape.head_dim} is not a multiple of the default group {self.group_size}; "
                   f"per-token groups of {fitted} are used (--group-size overrides)")
             settings = replace(self, group_size=fitted)
+        if shape is not None:
+            settings = _fit_candidate_groups(settings, shape.head_dim)
+        c = settings.candidates()
+        for name, p in zip(c.names, c.pairs):
+            plan = c.layer_plan(*p)
+            group = max(spec.group_size if spec.mode == "per-channel" and not spec.is_engine else 0 for spec in (plan.key, plan.value))
+            if self.seq_len <= plan.residual + group:
+                raise ProfileError(f"candidate {name}: windows of {self.seq_len} tokens leave nothing to quantize with its "
+                                   f"window {plan.residual} and group {group}; use a longer --max-tokens")
         if shape is not None:  # every candidate must fit the head size (a per-token group divides it)
-            c = settings.candidates()
-            try:
-                Plan(tuple(c.layer_plan(k, v) for k, v in c.pairs)).check_model(replace(shape, num_layers=len(c.pairs),
-                                                                                       layer_ids=None, windows=None))
-            except ValueError as e:
-                raise ProfileError(f"--group-size {settings.group_size}: {str(e).split(': ', 1)[-1]}") from None
+            single = replace(shape, num_layers=1, layer_ids=None, windows=None)
+            for name, p in zip(c.names, c.pairs):
+                try:
+                    Plan((c.layer_plan(*p),)).check_model(single)
+                except ValueError as e:
+                    option = f"--group-size {settings.group_size}" if p[2] is None else f"candidate {name}"
+                    raise ProfileError(f"{option}: {str(e).split(': ', 1)[-1]}") from None
         _State(Path(out), settings, overwrite)  # an earlier profile of other settings is refused here
         return settings, shape
 
 
 _pair_name = pair_name
+
+
+def _fit_candidate_groups(settings: ProfileSettings, head_dim: int) -> ProfileSettings:
+    """A candidate's own group (``K2V2g64``) that does not divide the head size becomes its largest
+    divisor below it, as the default group does, so a named set serves every head size; a
+    candidate that then equals another is dropped. Both are printed."""
+    if settings.value_mode != "per-token" and settings.key_mode != "per-token":
+        return settings
+    names = []
+    for text in settings.pairs:
+        k, v, group, residual = parse_candidate(text)
+        if group is not None and head_dim % group:
+            fitted = fit_group_size(head_dim, group)
+            print(f"kvtune: note: candidate {candidate_name(k, v, group, residual)}: head_dim {head_dim} is not a multiple of "
+                  f"{group}; per-token groups of {fitted} are used")
+            group = fitted
+        names.append(candidate_name(k, v, None if group == settings.group_size else group, residual))
+    kept = list(dict.fromkeys(names))
+    if len(kept) < len(names):
+        print(f"kvtune: note: {len(names) - len(kept)} candidate(s) equal to another after fitting their group were dropped")
+    return replace(settings, pairs=kept) if kept != list(settings.pairs) else settings
 
 
 class _State:
@@ -234,12 +270,12 @@ def _warn_short_windows(shape, settings) -> None:
 
 
 def _new_stage1(num_layers: int, c: Candidates) -> dict:
-    names = [_pair_name(k, v) for k, v in c.pairs]
+    names = c.names
     return {
         "tokens": 0,
         "reference": [0.0] * num_layers,
-        "key_only": [{str(b): 0.0 for b in c.key_bits} for _ in range(num_layers)],
-        "value_only": [{str(b): 0.0 for b in c.value_bits} for _ in range(num_layers)],
+        "key_only": [{s.name: 0.0 for s in c.key_sides} for _ in range(num_layers)],
+        "value_only": [{s.name: 0.0 for s in c.value_sides} for _ in range(num_layers)],
         "joint": [{n: 0.0 for n in names} for _ in range(num_layers)],
         # per pair: [Σ_w s_w, Σ_w |s_w|, Σ |g⊙Δ|, Σ (g⊙Δ)²]
         "first_order": [{n: [0.0, 0.0, 0.0, 0.0] for n in names} for _ in range(num_layers)],
@@ -255,18 +291,18 @@ def _profile_batch(model, ids: torch.Tensor, c: Candidates, acc: dict) -> None:
     acc["tokens"] += ids[:, 1:].numel()
     for layer, sums in enumerate(probe.errors):
         acc["reference"][layer] += sums.reference
-        for b, e in sums.key_only.items():
-            acc["key_only"][layer][str(b)] += e
-        for b, e in sums.value_only.items():
-            acc["value_only"][layer][str(b)] += e
+        for name, e in sums.key_only.items():
+            acc["key_only"][layer][name] += e
+        for name, e in sums.value_only.items():
+            acc["value_only"][layer][name] += e
         terms = probe.first_order_terms(layer)
-        for k, v in c.pairs:
-            name = _pair_name(k, v)
-            if (k, v) in sums.joint:
-                acc["joint"][layer][name] += sums.joint[(k, v)]
-            if (k, v) == (16, 16):  # nothing is rounded
+        for name, p in zip(c.names, c.pairs):
+            if name in sums.joint:
+                acc["joint"][layer][name] += sums.joint[name]
+            key, value = c.sides(*p)
+            if key.is_full and value.is_full:  # nothing is rounded
                 continue
-            per_window = sum(terms[side][bits] for side, bits in (("k", k), ("v", v)) if bits != 16)
+            per_window = sum(terms[which][side.name] for which, side in (("k", key), ("v", value)) if not side.is_full)
             signed, elem_abs, elem_sq = per_window.unbind(1)
             row = acc["first_order"][layer][name]
             row[0] += signed.sum().item()
@@ -276,14 +312,17 @@ def _profile_batch(model, ids: torch.Tensor, c: Candidates, acc: dict) -> None:
 
 
 def _validation_targets(settings: ProfileSettings, num_layers: int) -> list[tuple[int, str]]:
-    layers = settings.validate_layers if settings.validate_layers is not None else sorted({0, num_layers // 2, num_layers - 1})
+    # Every layer at the aggressive pair ranks layers; one layer at every candidate ranks candidates.
+    # (22 candidates at three layers would double the validation's time.)
+    layers = settings.validate_layers if settings.validate_layers is not None else [num_layers // 2]
     if any(not 0 <= layer < num_layers for layer in layers):
         raise ProfileError(f"validate layers {layers} outside 0..{num_layers - 1}")
+    c = settings.candidates()
     aggressive = _pair_name(*parse_pair(settings.validate_pair))
-    names = [_pair_name(*parse_pair(p)) for p in settings.pairs if parse_pair(p) != (16, 16)]
+    names = [n for n, p in zip(c.names, c.pairs) if p[:2] != (16, 16)]
     if aggressive not in names and names:  # e.g. an engine-format profile: its own narrowest pair
-        c = settings.candidates()
-        aggressive = min(names, key=lambda n: sum(spec.bits for spec in (c.key_spec(parse_pair(n)[0]), c.value_spec(parse_pair(n)[1]))))
+        plans = dict(zip(c.names, (c.layer_plan(*p) for p in c.pairs)))
+        aggressive = min(names, key=lambda n: plans[n].key.bits + plans[n].value.bits)
     targets = [(layer, aggressive) for layer in range(num_layers)]
     targets += [(layer, name) for layer in layers for name in names if name != aggressive]
     return targets
@@ -297,11 +336,11 @@ def _table(acc: dict, measured: dict, c: Candidates) -> pd.DataFrame:
         def rel(sq: float) -> float:
             return math.sqrt(sq / reference)
 
-        for k, v in c.pairs:
-            name = _pair_name(k, v)
-            k_err = rel(acc["key_only"][layer][str(k)]) if k != 16 else 0.0
-            v_err = rel(acc["value_only"][layer][str(v)]) if v != 16 else 0.0
-            if k == 16 or v == 16:
+        for name, p in zip(c.names, c.pairs):
+            key, value = c.sides(*p)
+            k_err = rel(acc["key_only"][layer][key.name]) if not key.is_full else 0.0
+            v_err = rel(acc["value_only"][layer][value.name]) if not value.is_full else 0.0
+            if key.is_full or value.is_full:
                 joint = max(k_err, v_err)  # only one side is rounded
             else:
                 joint = rel(acc["joint"][layer][name])
@@ -311,9 +350,9 @@ def _table(acc: dict, measured: dict, c: Candidates) -> pd.DataFrame:
                 {
                     "layer": layer,
                     "pair": name,
-                    "k_bits": c.key_spec(k).bits,  # nominal width; the pair name tells the format
-                    "v_bits": c.value_spec(v).bits,
-                    "nominal_bits": (c.key_spec(k).bits + c.value_spec(v).bits) / 2,
+                    "k_bits": c.spec(key, "key").bits,  # nominal width; the pair name tells the format
+                    "v_bits": c.spec(value, "value").bits,
+                    "nominal_bits": (c.spec(key, "key").bits + c.spec(value, "value").bits) / 2,
                     "attn_err": joint,
                     "attn_err_k": k_err,
                     "attn_err_v": v_err,
@@ -344,11 +383,11 @@ def _summary(table: pd.DataFrame, c: Candidates, settings: ProfileSettings) -> d
         note["spearman_note"] = ("no measured validation (--validate-windows 0)" if settings.validate_windows == 0
                                  else f"{len(measured)} measured point(s): a rank correlation needs at least 3")
     key_vs_value = {}
-    labels = table["pair"].map(parse_pair)
-    for b in sorted(set(c.key_bits) & set(c.value_bits), key=lambda x: (isinstance(x, str), str(x))):
-        k = table[labels.map(lambda kv: kv[0] == b)].groupby("layer")["attn_err_k"].first()
-        v = table[labels.map(lambda kv: kv[1] == b)].groupby("layer")["attn_err_v"].first()
-        key_vs_value[str(b)] = {"mean_attn_err_key_only": float(k.mean()), "mean_attn_err_value_only": float(v.mean())}
+    sides = table["pair"].map(dict(zip(c.names, (c.sides(*p) for p in c.pairs))))
+    for b in sorted({s.name for s in c.key_sides} & {s.name for s in c.value_sides}):
+        k = table[sides.map(lambda kv: kv[0].name == b)].groupby("layer")["attn_err_k"].first()
+        v = table[sides.map(lambda kv: kv[1].name == b)].groupby("layer")["attn_err_v"].first()
+        key_vs_value[b] = {"mean_attn_err_key_only": float(k.mean()), "mean_attn_err_value_only": float(v.mean())}
     return {"estimator": ESTIMATOR, "spearman": correlations, **note, "measured_points": int(len(measured)),
             "key_vs_value": key_vs_value}
 
@@ -391,9 +430,9 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
     if targets:
         start = time.perf_counter()
         replay = LayerReplay(model, windows[: settings.validate_windows].to(device))
+        plans = dict(zip(c.names, (c.layer_plan(*p) for p in c.pairs)))
         for layer, name in tqdm(targets, desc="profile: measured single-layer impact", disable=not progress):
-            k, v = parse_pair(name)
-            state.data["measured"][f"{layer}:{name}"] = replay.single_layer_impact(layer, c.layer_plan(k, v))
+            state.data["measured"][f"{layer}:{name}"] = replay.single_layer_impact(layer, plans[name])
             state.data["timings"]["stage2_s"] = state.data["timings"].get("stage2_s", 0.0) + time.perf_counter() - start
             start = time.perf_counter()
             state.save()
@@ -406,7 +445,7 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
         "model": canonical_name(settings.model),
         "shape": shape.to_dict(),
         "left_out": [{"layer": i, "reason": why} for i, why in left_out],
-        "pairs": [_pair_name(k, v) for k, v in c.pairs],
+        "pairs": c.names,
         "settings": asdict(settings),
         "data": {"name": settings.data, "split": "calibration", "seq_len": settings.seq_len, "windows": settings.windows,
                  "validation_windows": settings.validate_windows},

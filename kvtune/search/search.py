@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kvtune.errors import ModelError
-from kvtune.plan import LayerPlan, ModelShape, Plan, parse_pair
+from kvtune.plan import LayerPlan, ModelShape, Plan, candidate_name, parse_candidate
 from kvtune.profiling.artifact import Profile
 from kvtune.search.budget import Budget, BudgetError, parse_budget
 from kvtune.search.exact import evaluate, exact_optimum
@@ -87,6 +87,10 @@ def allowed_pairs(profile: Profile, formats: str | None) -> list[int]:
     from kvtune.formats import resolve_formats
 
     wanted = resolve_formats(formats)
+    s = profile.meta["settings"]
+    # A group or window equal to the profile's own is the candidate without it.
+    wanted = [candidate_name(k, v, None if g == s["group_size"] else g, None if r == s["residual"] else r)
+              for k, v, g, r in map(parse_candidate, wanted)]
     missing = [p for p in wanted if p not in profile.pairs]
     if missing:
         raise BudgetError(
@@ -194,7 +198,7 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
     out = Path(out)
     started = time.perf_counter()
     allowed = allowed_pairs(profile, settings.formats)
-    pairs = [parse_pair(profile.pairs[j]) for j in allowed]
+    pairs = [parse_candidate(profile.pairs[j])[:2] for j in allowed]
     cost = profile.matrix("taylor")[:, allowed]
     bits, nbytes, context = memory_tables(layer_plans(profile), profile.shape, budget, settings.context)
     memory = (bits if budget.kind == "bits" else nbytes)[:, allowed]
@@ -222,11 +226,12 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
     plans, records = [], []
     for i, j in enumerate(kept):
         source, x = candidates[j]
-        plan = plan_from_pairs(profile, [allowed[j] for j in space.layer_pairs(x)], name=f"front-{i}")
+        columns = [allowed[j] for j in space.layer_pairs(x)]
+        plan = plan_from_pairs(profile, columns, name=f"front-{i}")
         plans.append(plan)
         records.append({"id": i, "source": source, "predicted_loss": objectives[j, 0],
                         **_memory_figures(plan, profile.shape, context, budget.batch),
-                        "pairs": ",".join(plan.pairs), "verified_nll": np.nan, "chosen": False})
+                        "pairs": ",".join(profile.pairs[c] for c in columns), "verified_nll": np.nan, "chosen": False})
     # The measured choice: the best predicted plans, the exact optimum and the uniform plans in budget.
     if settings.verify:
         exact_rows = [i for i, j in enumerate(kept) if exact_x is not None and np.array_equal(candidates[j][1], exact_x)]
@@ -238,12 +243,13 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
                 if memory[:, j].sum() > budget.value * (1 + 1e-12):
                     continue
                 plan = plan_from_pairs(profile, [column] * profile.num_layers, name=f"uniform:{pair.lower()}")
-                if ",".join(plan.pairs) in {r["pairs"] for r in records}:
+                names = ",".join([pair] * profile.num_layers)
+                if names in {r["pairs"] for r in records}:
                     continue  # already on the front
                 plans.append(plan)
                 records.append({"id": len(records), "source": "uniform", "predicted_loss": float(cost[:, j].sum()),
                                 **_memory_figures(plan, profile.shape, context, budget.batch),
-                                "pairs": ",".join(plan.pairs), "verified_nll": np.nan, "chosen": False})
+                                "pairs": names, "verified_nll": np.nan, "chosen": False})
                 to_verify.append(len(records) - 1)
         front = pd.DataFrame(records)
         result = _verify(profile, settings, [plans[i] for i in to_verify], progress)
@@ -291,7 +297,10 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
         "uniform_ties": uniform_ties(front, settings.verify_z) if settings.verify else [],
         "seconds": time.perf_counter() - started,
     }
-    references = [profile.pairs[j] for j in allowed if profile.pairs[j].lower() != "k16v16"]
+    # Uniform plans drawn beside the front; a candidate with its own group has its pair's nominal
+    # bits, so it is drawn only where memory is in bytes.
+    references = [profile.pairs[j] for j in allowed if profile.pairs[j].lower() != "k16v16"
+                  and (budget.kind == "bytes" or parse_candidate(profile.pairs[j])[2:] == (None, None))]
     _write(out, front, plan, meta, profile, references, budget, context)
     return SearchResult(front, plan, meta)
 
