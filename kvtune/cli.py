@@ -224,7 +224,7 @@ def profile(
 
 def _report_profile(result, out: Path) -> None:
     summary = result.meta["summary"]
-    typer.echo(f"profile of {result.meta['model']}: {result.num_layers} layers × {len(result.pairs)} pairs, {result.meta['tokens']} tokens")
+    typer.echo(f"profile of {result.meta['model']}: {result.num_layers} layers × {len(result.pairs)} candidates, {result.meta['tokens']} tokens")
     typer.echo(f"estimator used by search: {summary['estimator']} (column 'taylor')")
     for name, rho in summary["spearman"].items():
         typer.echo(f"  spearman {name:28s} {rho:+.3f}")

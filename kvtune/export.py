@@ -247,8 +247,9 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
         # One group and one window for all layers: the finest group and the longest window any layer has.
         integers = [s for layer in plan.layers for s in (layer.key, layer.value) if s.is_quantized and not s.is_engine]
         group = min((s.group_size for s in integers), default=first.key.group_size)
-        residual = max(layer.residual for layer in plan.layers)
-        if len({(s.group_size, layer.residual) for layer in plan.layers for s in (layer.key, layer.value) if s.is_quantized}) > 1:
+        residual = max((layer.residual for layer in plan.layers if any(s in integers for s in (layer.key, layer.value))),
+                       default=first.residual)
+        if len({(s.group_size, layer.residual) for layer in plan.layers for s in (layer.key, layer.value) if s in integers}) > 1:
             notes.append(f"layers differ in group size or window; QuantizedCache takes one: group {group} (the finest) and "
                          f"window {residual} (the longest), no less accurate and a little more memory")
         config = {"backend": backend, "nbits": bits, "axis_key": 0, "axis_value": 0,

@@ -240,6 +240,17 @@ def candidate_name(k: Label, v: Label, group: int | None = None, residual: int |
     return pair_name(k, v) + ("" if group is None else f"g{group}") + ("" if residual is None else f"r{residual}")
 
 
+def fit_candidate(text: str, group_size: int, residual: int, head_dim: int | None = None, per_token: bool = True) -> str:
+    """A candidate's name in a profile of ``group_size`` and ``residual``: its own group or window
+    equal to those is dropped (``K4V2g32`` is ``K4V2`` in a group-32 profile), and where a
+    per-token side needs its group to divide ``head_dim``, a group that does not becomes the
+    largest divisor below it (:func:`fit_group_size`), as the default group does."""
+    k, v, group, window = parse_candidate(text)
+    if group is not None and per_token and head_dim and head_dim % group:
+        group = fit_group_size(head_dim, group)
+    return candidate_name(k, v, None if group == group_size else group, None if window == residual else window)
+
+
 def pair_name(k: Label, v: Label) -> str:
     """The one spelling of a pair in tables and files: ``K4V2``, ``K[fp8]V[nvfp4]``."""
     show = lambda label: str(label) if isinstance(label, int) else f"[{label}]"  # noqa: E731

@@ -261,3 +261,14 @@ def test_default_set_fits_candidate_groups_to_the_head_size(tiny_model_dir, tmp_
     assert fitted.pairs == ["K2V2"]
     with pytest.raises(ProfileError, match="candidate K2V2r124: windows of 128 tokens leave nothing"):
         ProfileSettings(model=tiny_model_dir, group_size=8, residual=4, seq_len=128, pairs=["k2v2r124"]).check(tmp_path / "r")
+
+
+def test_candidates_equal_to_the_profiles_own_setting_are_dropped_not_refused(capsys):
+    from kvtune.profiling.profile import _fit_candidate_groups
+
+    settings = _fit_candidate_groups(ProfileSettings(group_size=64), 128)  # int+g's g64 candidates are the plain pairs
+    assert settings.pairs == [p.upper() for p in FORMAT_SETS["int+"]]
+    assert "9 candidate(s) dropped" in capsys.readouterr().out
+    assert _fit_candidate_groups(ProfileSettings(), 96).pairs[-1] == "K2V2g48"
+    with pytest.raises(ProfileError, match="listed twice"):
+        ProfileSettings(pairs=["k2v2g64", "K2V2G64"]).candidates()

@@ -154,7 +154,8 @@ def test_larger_groups_compete_on_real_memory_only(tmp_path):
 
     profile = _synthetic_profile(tmp_path / "profile", variants=["K2V2g32", "K4V2g32"])
     loaded = Profile.load(profile)
-    assert [loaded.pairs[j] for j in allowed_pairs(loaded, "k2v2g8,k2v2g32")] == ["K2V2", "K2V2g32"]  # g8 is the profile's own
+    assert [loaded.pairs[j] for j in allowed_pairs(loaded, "k2v2g8,k2v2g32,k2v2")] == ["K2V2", "K2V2g32"]  # g8 is the profile's own
+    assert [loaded.pairs[j] for j in allowed_pairs(loaded, "k2v2g64")] == ["K2V2g32"]  # fitted to head_dim 32, as profiled
     by_bits = run_search(SearchSettings(profile=str(profile), budget="2.5bits", verify=0, generations=40), tmp_path / "b", progress=False)
     assert all(layer.key.group_size == 8 for layer in by_bits.plan.layers)
     shape = loaded.shape

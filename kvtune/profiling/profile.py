@@ -51,6 +51,7 @@ from kvtune.plan import (
     DEFAULT_VALUE_MODE,
     fit_group_size,
     candidate_name,
+    fit_candidate,
     pair_name,
     parse_candidate,
     parse_pair,
@@ -88,11 +89,12 @@ class ProfileSettings:
     validate_layers: list[int] | None = None  # None: the middle layer (every layer is measured at validate_pair)
 
     def candidates(self) -> Candidates:
-        c = Candidates(list(self.pairs), self.key_mode, self.value_mode, self.group_size, self.residual)
-        if len(set(c.names)) != len(c.names):
-            raise ProfileError(f"candidates listed twice in {self.pairs} (a group or window equal to the profile's own "
-                               f"--group-size {self.group_size} / --residual {self.residual} is the same candidate)")
-        return c
+        """The candidates under study; ones that name the profile's own group or window stand for the
+        plain pair, and :meth:`check` drops such repeats (a name given twice is refused)."""
+        as_given = [candidate_name(*parse_candidate(p)) for p in self.pairs]
+        if len(set(as_given)) != len(as_given):
+            raise ProfileError(f"candidates listed twice in {self.pairs}")
+        return Candidates(list(self.pairs), self.key_mode, self.value_mode, self.group_size, self.residual)
 
     def fingerprint(self) -> dict:
         """What the gradient stage depends on: not placement, not the measured validation (whose
@@ -108,7 +110,7 @@ class ProfileSettings:
         from kvtune.data import check_data
 
         inputs.check_out_dir(out, "profile", settings=None)
-        self.candidates()
+        self.candidates()  # names, widths and repeats as given
         inputs.check_counts((("--max-tokens", self.seq_len, 1), ("--windows", self.windows, 1),
                              ("--batch-size", self.batch_size, 1), ("--group-size", self.group_size, 1),
                              ("--residual", self.residual, 0), ("--validate-windows", self.validate_windows, 0)), ProfileError)
@@ -137,8 +139,7 @@ class ProfileSettings:
             print(f"kvtune: note: head_dim {shape.head_dim} is not a multiple of the default group {self.group_size}; "
                   f"per-token groups of {fitted} are used (--group-size overrides)")
             settings = replace(self, group_size=fitted)
-        if shape is not None:
-            settings = _fit_candidate_groups(settings, shape.head_dim)
+        settings = _fit_candidate_groups(settings, None if shape is None else shape.head_dim)
         c = settings.candidates()
         for name, p in zip(c.names, c.pairs):
             plan = c.layer_plan(*p)
@@ -161,24 +162,24 @@ class ProfileSettings:
 _pair_name = pair_name
 
 
-def _fit_candidate_groups(settings: ProfileSettings, head_dim: int) -> ProfileSettings:
-    """A candidate's own group (``K2V2g64``) that does not divide the head size becomes its largest
-    divisor below it, as the default group does, so a named set serves every head size; a
-    candidate that then equals another is dropped. Both are printed."""
-    if settings.value_mode != "per-token" and settings.key_mode != "per-token":
-        return settings
+def _fit_candidate_groups(settings: ProfileSettings, head_dim: int | None) -> ProfileSettings:
+    """Candidates as the profile will name them (:func:`kvtune.plan.fit_candidate`): a group that
+    does not divide the head size fitted, a group or window equal to the profile's own dropped, so
+    a named set serves every head size and ``--group-size``; one that then equals another is dropped.
+    Both are printed."""
+    per_token = "per-token" in (settings.key_mode, settings.value_mode)
     names = []
     for text in settings.pairs:
-        k, v, group, residual = parse_candidate(text)
-        if group is not None and head_dim % group:
-            fitted = fit_group_size(head_dim, group)
-            print(f"kvtune: note: candidate {candidate_name(k, v, group, residual)}: head_dim {head_dim} is not a multiple of "
-                  f"{group}; per-token groups of {fitted} are used")
-            group = fitted
-        names.append(candidate_name(k, v, None if group == settings.group_size else group, residual))
+        group = parse_candidate(text)[2]
+        if group is not None and per_token and head_dim and head_dim % group:
+            print(f"kvtune: note: candidate {candidate_name(*parse_candidate(text))}: head_dim {head_dim} is not a multiple "
+                  f"of {group}; per-token groups of {fit_group_size(head_dim, group)} are used")
+        names.append(fit_candidate(text, settings.group_size, settings.residual, head_dim, per_token))
     kept = list(dict.fromkeys(names))
     if len(kept) < len(names):
-        print(f"kvtune: note: {len(names) - len(kept)} candidate(s) equal to another after fitting their group were dropped")
+        same = sorted({candidate_name(*parse_candidate(t)) for t, n in zip(settings.pairs, names) if names.count(n) > 1})
+        print(f"kvtune: note: {len(names) - len(kept)} candidate(s) dropped: {same} are the same candidate with "
+              f"--group-size {settings.group_size} and --residual {settings.residual} for this head size")
     return replace(settings, pairs=kept) if kept != list(settings.pairs) else settings
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kvtune.errors import ModelError
-from kvtune.plan import LayerPlan, ModelShape, Plan, candidate_name, parse_candidate
+from kvtune.plan import LayerPlan, ModelShape, Plan, fit_candidate, parse_candidate
 from kvtune.profiling.artifact import Profile
 from kvtune.search.budget import Budget, BudgetError, parse_budget
 from kvtune.search.exact import evaluate, exact_optimum
@@ -88,9 +88,9 @@ def allowed_pairs(profile: Profile, formats: str | None) -> list[int]:
 
     wanted = resolve_formats(formats)
     s = profile.meta["settings"]
-    # A group or window equal to the profile's own is the candidate without it.
-    wanted = [candidate_name(k, v, None if g == s["group_size"] else g, None if r == s["residual"] else r)
-              for k, v, g, r in map(parse_candidate, wanted)]
+    # As the profile named them: its own group or window dropped, groups fitted to the head size.
+    per_token = "per-token" in (s["key_mode"], s["value_mode"])
+    wanted = list(dict.fromkeys(fit_candidate(p, s["group_size"], s["residual"], profile.shape.head_dim, per_token) for p in wanted))
     missing = [p for p in wanted if p not in profile.pairs]
     if missing:
         raise BudgetError(
@@ -286,7 +286,7 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
             "log10_after_pruning": space.pruned_size,
             "log10_after_clustering": space.size,
             "groups": space.groups,
-            "choices": [[profile.pairs[j] for j in c] for c in space.choices],
+            "choices": [[profile.pairs[allowed[j]] for j in c] for c in space.choices],
         },
         "nsga2_seconds": nsga_seconds,
         "nsga2_pop_size": pop_size,
