@@ -52,6 +52,8 @@ def main() -> None:
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)",
         "model": settings.model,
         "calibration": f"{settings.windows} windows x {settings.seq_len} tokens, batch {settings.batch_size}",
+        "candidates": len(profile.pairs),
+        "measured_points": profile.meta["summary"]["measured_points"],
         "forward_backward_s": round(baseline, 1),
         "profile_sensitivity_s": round(timings["stage1_s"], 1),
         "profile_measured_validation_s": round(timings.get("stage2_s", 0.0), 1),

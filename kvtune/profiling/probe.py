@@ -174,23 +174,29 @@ class Probe:
         """All one-sided and joint errors of this layer from 1 + |key sides| softmaxes.
 
         Same arithmetic as :func:`~kvtune.simulate.simulated_attention` for each candidate, with
-        the shared parts computed once: scores per key side, and P·V + (P⊙M)·(V̂ − V) per value side.
+        the shared parts computed once: scores per key side, then P·V + (P⊙M)·(V̂ − V) for every
+        value side read through one mask M in a single product (the value sides' V̂ − V side by
+        side; query heads folded onto their KV head), which is where the time goes.
         """
         length, groups = q.shape[-2], q.shape[1] // k.shape[1]
         exact_scores = torch.matmul(q, k.repeat_interleave(groups, 1).transpose(-1, -2))
         v_rep = v.repeat_interleave(groups, 1)
-        value_seen = {}
-        v_shift = {}
+        value_seen, v_shift = {}, {}
         for side in self.c.value_sides:
-            v_shift[side] = (self.c.shifted(v, side, "value") - v).repeat_interleave(groups, 1)
+            v_shift[side] = self.c.shifted(v, side, "value") - v  # (B, Hkv, T, D)
             pattern = self.c.pattern(side, "value")
             if pattern not in value_seen:
                 value_seen[pattern] = self.c.seen(side, "value", length, q.device).to(q.dtype)
         sums = self.errors[layer]
-        sums.reference += out.double().pow(2).sum().item()
+        sums.reference += out.pow(2).sum(dtype=torch.float64).item()
 
-        def deviation(approx) -> float:
-            return (approx.double() - out.double()).pow(2).sum().item()
+        def deviations(base_error, masked_probs, sides) -> list[float]:
+            """‖(base − out) + (P⊙M)·(V̂_i − V)‖² for each value side i, from one matmul (squares summed in float64)."""
+            b, hkv, t, d = v.shape
+            shifts = torch.cat([v_shift[s] for s in sides], dim=-1)  # (B, Hkv, T, n·D)
+            folded = masked_probs.reshape(b, hkv, groups * length, length)  # query heads of one KV head stacked
+            change = torch.matmul(folded, shifts).reshape(b, hkv * groups, length, len(sides), d)
+            return (base_error.unsqueeze(-2) + change).pow(2).sum(dim=(0, 1, 2, 4), dtype=torch.float64).tolist()
 
         entries = [(self.c.sides(*p), candidate_name(*p)) for p in self.c.pairs]
         for key_side in [Side(FULL_BITS)] + self.c.key_sides:
@@ -200,23 +206,22 @@ class Probe:
                 scores = torch.where(self.c.seen(key_side, "key", length, q.device), torch.matmul(q, k_hat.transpose(-1, -2)),
                                      exact_scores)
             probs = causal_softmax(scores, scaling, mask, q.dtype, softcap, sinks)
-            base = torch.matmul(probs, v_rep)
-            if not key_side.is_full:
-                sums.key_only[key_side.name] = sums.key_only.get(key_side.name, 0.0) + deviation(base)
+            base_error = torch.matmul(probs, v_rep) - out
             if key_side.is_full:
                 wanted = [(value_side, None) for value_side in self.c.value_sides]
             else:
+                sums.key_only[key_side.name] = sums.key_only.get(key_side.name, 0.0) + base_error.pow(2).sum(dtype=torch.float64).item()
                 wanted = [(vs, name) for (ks, vs), name in entries if ks == key_side and not vs.is_full]
-            masked = {}
+            by_pattern: dict[tuple, list] = {}
             for value_side, name in wanted:
-                pattern = self.c.pattern(value_side, "value")
-                if pattern not in masked:
-                    masked[pattern] = probs * value_seen[pattern]
-                approx = base + torch.matmul(masked[pattern], v_shift[value_side])
-                if name is None:
-                    sums.value_only[value_side.name] = sums.value_only.get(value_side.name, 0.0) + deviation(approx)
-                else:
-                    sums.joint[name] = sums.joint.get(name, 0.0) + deviation(approx)
+                by_pattern.setdefault(self.c.pattern(value_side, "value"), []).append((value_side, name))
+            for pattern, members in by_pattern.items():
+                values = deviations(base_error, probs * value_seen[pattern], [side for side, _ in members])
+                for (value_side, name), value in zip(members, values):
+                    if name is None:
+                        sums.value_only[value_side.name] = sums.value_only.get(value_side.name, 0.0) + value
+                    else:
+                        sums.joint[name] = sums.joint.get(name, 0.0) + value
 
     def first_order_terms(self, layer: int) -> dict[str, dict[str, torch.Tensor]]:
         """Per window (dim 0): sum of g⊙Δ, of |g⊙Δ| and of (g⊙Δ)² for each key side and value side (by name)."""
