@@ -10,7 +10,8 @@ or even helps. This measures both, paired on the same held-out windows, for the 
 at 6 bits and the front's plans at that memory (benchmarks/results/search_ties*.json), so that
 whether the front's plans lose to K8V4 on KL (the estimate is wrong) or only on NLL (the
 estimate answers another question) can be read off. Each plan's predicted loss (Σ taylor) comes
-from --profile (outputs/run/profile: `kvtune run` writes it). Writes benchmarks/results/kl_vs_nll.json;
+from --profile (outputs/profile-int: `kvtune profile --formats int --out outputs/profile-int`, the set
+these figures were made with). Writes benchmarks/results/kl_vs_nll.json;
 `--render FILE` prints it as the Markdown table in README/docs.
 """
 
@@ -73,7 +74,7 @@ def per_window(model, windows: torch.Tensor, plans: dict[str, Plan], batch_size:
 
 def predicted_loss(profile: Profile, plan: Plan) -> float:
     taylor = profile.matrix("taylor")
-    columns = [profile.pairs.index(pair) for pair in plan.pairs]
+    columns = [profile.pairs.index(name) for name in plan.candidates]
     return float(sum(taylor[layer, j] for layer, j in enumerate(columns)))
 
 
@@ -90,7 +91,7 @@ def render(path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--windows", type=int, default=WINDOWS)
-    parser.add_argument("--profile", default="outputs/run/profile")
+    parser.add_argument("--profile", default="outputs/profile-int")
     parser.add_argument("--out", default=str(RESULTS / "kl_vs_nll.json"))
     parser.add_argument("--render", metavar="FILE", help="print a results file as a table and exit")
     args = parser.parse_args()

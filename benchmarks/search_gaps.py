@@ -1,6 +1,6 @@
 """NSGA-II against the exact optimum across budgets: does the front reach it everywhere?
 
-    .venv/bin/kvtune run                                  # once: writes outputs/run/profile
+    .venv/bin/kvtune profile --formats int --out outputs/profile-int   # once: the int set (the default until int+g)
     .venv/bin/python benchmarks/search_gaps.py            # ~1 min on 2 CPU cores
     .venv/bin/python benchmarks/search_gaps.py --max-pop-size 100 --out benchmarks/results/search_gaps_pop100.json
 
@@ -26,7 +26,7 @@ SEEDS = (0, 1)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", default="outputs/run/profile")
+    parser.add_argument("--profile", default="outputs/profile-int")
     parser.add_argument("--max-pop-size", type=int, default=SearchSettings.max_pop_size,
                         help="100 keeps NSGA-II's population fixed at its starting size, as before it could grow")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "search_gaps.json"))

@@ -1,6 +1,6 @@
 """Held-out check of `kvtune search` on the default model (the table in the README).
 
-    .venv/bin/kvtune profile                       # once: writes outputs/profile
+    .venv/bin/kvtune profile --formats int --out outputs/profile-int   # once: the int set (the default until int+g)
     .venv/bin/python benchmarks/search_quality.py  # searches, then measures held-out PPL
 
 1. `kvtune search --budget 3.25bits` (verified on the verification split) → the chosen plan.
@@ -31,7 +31,7 @@ from kvtune.search import SearchSettings, run_search
 from kvtune.search.search import UNIFORM_REFERENCES, uniform_reference
 from kvtune.search.verify import paired_gap
 
-PROFILE = "outputs/profile"
+PROFILE = "outputs/profile-int"
 WINDOWS, SEQ_LEN, SEED = 32, 512, 0  # 4x `kvtune run`: differences at 6-8 bits are ~0.1%
 CONTEXT = 32768
 

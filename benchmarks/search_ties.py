@@ -9,8 +9,8 @@ draw of the same held-out split: text neither calibration nor verification saw),
 standard error shrinks about threefold and a gap either shows or stays within noise.
 Writes benchmarks/results/search_ties.json.
 
-    .venv/bin/kvtune run                                                        # writes outputs/run/profile
-    .venv/bin/kvtune search --profile outputs/run/profile --budget 6bits --verify-windows 128 \
+    .venv/bin/kvtune profile --formats int --out outputs/profile-int             # the int set
+    .venv/bin/kvtune search --profile outputs/profile-int --budget 6bits --verify-windows 128 \
         --out outputs/search-6bits-verify128                                    # ~18 min
     .venv/bin/python benchmarks/search_ties.py --plan outputs/search-6bits-verify128/plan.json --uniform k8v4 \
         --out benchmarks/results/search_ties_6bits_verify128.json

@@ -82,6 +82,21 @@ def test_decode_attention_matches_the_reference_for_every_bit_pair(k_bits, v_bit
         assert not torch.allclose(ours, exact, atol=1e-4)
 
 
+@pytest.mark.parametrize("k_bits, v_bits", [(3, 3), (4, 2)])
+@pytest.mark.parametrize("gather", [False, True])
+def test_decode_attention_with_groups_of_64(k_bits, v_bits, gather):
+    """int+g's candidates: key groups of 64 tokens (longer than a block of 16) and value groups
+    spanning the whole head."""
+    torch.manual_seed(k_bits * 5 + v_bits)
+    k = torch.randn(1, 2, 150, 64, device=DEVICE)
+    v = torch.randn(1, 2, 150, 64, device=DEVICE)
+    q = torch.randn(1, 6, 1, 64, device=DEVICE)
+    key = _streams(k, QuantSpec(k_bits, "per-channel", 64), 128)
+    value = _streams(v, QuantSpec(v_bits, "per-token", 64), 118)
+    ours = decode_attention(q, key, value, num_splits=2, block_n=16, gather_codes=gather, gather_scales=gather)
+    torch.testing.assert_close(ours, decode_attention_reference(q, key, value), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("splits, block_n, gather", [(1, 64, False), (2, 16, False), (5, 16, True)])  # 64: blocks span two key groups
 def test_decode_attention_several_query_tokens_padding_and_splits(splits, block_n, gather):
     torch.manual_seed(splits)
