@@ -4,7 +4,9 @@
 
 The baseline is what any gradient-based sensitivity needs at least: the model's own forward and
 loss.backward() over the same windows, in the same batches (weights requiring grad, as in a
-training step without the optimizer). Writes benchmarks/results/profile_speed.json.
+training step without the optimizer). The two are measured three times, interleaved (the first
+profile whole, with its measured validation; the others the sensitivity stage alone), and the
+ratio is the median of the three. Writes benchmarks/results/profile_speed.json.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,31 +39,39 @@ def forward_backward_seconds(model, windows: torch.Tensor, batch_size: int) -> f
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(repeats: int = 3) -> None:
+    """The baseline and the sensitivity stage measured ``repeats`` times, interleaved, so that a
+    slower or faster stretch of a shared machine moves both; the ratio is the median of the pairs."""
     settings = ProfileSettings()
     model, tokenizer = load_model(settings.model)
     windows = load_windows(tokenizer, "calibration", settings.seq_len, settings.windows, settings.seed, settings.data)
     forward_backward_seconds(model, windows[: settings.batch_size], settings.batch_size)  # warm-up
-    baseline = forward_backward_seconds(model, windows, settings.batch_size)
-    del model
-
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        profile = run_profile(settings, out, fresh=True, progress=False)
-        total = time.perf_counter() - start
+    baselines, stage1, profile, total = [], [], None, None
+    for i in range(repeats):
+        baselines.append(forward_backward_seconds(model, windows, settings.batch_size))
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            # The first repeat is the whole profile (validation included); the others the sensitivity stage.
+            run = settings if i == 0 else replace(settings, validate_windows=0)
+            result = run_profile(run, out, fresh=True, progress=False)
+            if i == 0:
+                profile, total = result, time.perf_counter() - start
+        stage1.append(result.meta["timings"]["stage1_s"])
     timings = profile.meta["timings"]
+    ratios = [s / b for s, b in zip(stage1, baselines)]
     result = {
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)",
         "model": settings.model,
         "calibration": f"{settings.windows} windows x {settings.seq_len} tokens, batch {settings.batch_size}",
         "candidates": len(profile.pairs),
         "measured_points": profile.meta["summary"]["measured_points"],
-        "forward_backward_s": round(baseline, 1),
-        "profile_sensitivity_s": round(timings["stage1_s"], 1),
+        "forward_backward_s": [round(b, 1) for b in baselines],
+        "profile_sensitivity_s": [round(s, 1) for s in stage1],
+        "ratio_sensitivity": [round(r, 2) for r in ratios],
+        "ratio_sensitivity_median": round(statistics.median(ratios), 2),
         "profile_measured_validation_s": round(timings.get("stage2_s", 0.0), 1),
         "profile_total_s": round(total, 1),
-        "ratio_sensitivity": round(timings["stage1_s"] / baseline, 2),
-        "ratio_total": round(total / baseline, 2),
+        "ratio_total": round(total / baselines[0], 2),
         "spearman_taylor_vs_kl": round(profile.meta["summary"]["spearman"]["taylor_vs_kl"], 3),
         "spearman_taylor_vs_dnll": round(profile.meta["summary"]["spearman"]["taylor_vs_dnll"], 3),
     }
