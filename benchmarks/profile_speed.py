@@ -1,6 +1,7 @@
 """Wall time of `kvtune profile` as a ratio to one forward+backward pass over the same calibration set.
 
-    .venv/bin/python benchmarks/profile_speed.py            # default model and settings
+    .venv/bin/python benchmarks/profile_speed.py                    # default model, settings and candidates
+    .venv/bin/python benchmarks/profile_speed.py --formats int      # another candidate set: profile_speed-int.json
 
 The baseline is what any gradient-based sensitivity needs at least: the model's own forward and
 loss.backward() over the same windows, in the same batches (weights requiring grad, as in a
@@ -25,7 +26,9 @@ import torch.nn.functional as F
 
 from kvtune.data import load_windows
 from kvtune.models import load_model
+from kvtune.formats import resolve_formats
 from kvtune.profiling import ProfileSettings, run_profile
+from kvtune.profiling.profile import DEFAULT_FORMATS
 
 
 def forward_backward_seconds(model, windows: torch.Tensor, batch_size: int) -> float:
@@ -39,10 +42,10 @@ def forward_backward_seconds(model, windows: torch.Tensor, batch_size: int) -> f
     return time.perf_counter() - start
 
 
-def main(repeats: int = 3) -> None:
+def main(repeats: int = 3, formats: str = DEFAULT_FORMATS) -> None:
     """The baseline and the sensitivity stage measured ``repeats`` times, interleaved, so that a
     slower or faster stretch of a shared machine moves both; the ratio is the median of the pairs."""
-    settings = ProfileSettings()
+    settings = ProfileSettings(pairs=resolve_formats(formats))
     model, tokenizer = load_model(settings.model)
     windows = load_windows(tokenizer, "calibration", settings.seq_len, settings.windows, settings.seed, settings.data)
     forward_backward_seconds(model, windows[: settings.batch_size], settings.batch_size)  # warm-up
@@ -63,6 +66,7 @@ def main(repeats: int = 3) -> None:
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)",
         "model": settings.model,
         "calibration": f"{settings.windows} windows x {settings.seq_len} tokens, batch {settings.batch_size}",
+        "formats": formats,
         "candidates": len(profile.pairs),
         "measured_points": profile.meta["summary"]["measured_points"],
         "forward_backward_s": [round(b, 1) for b in baselines],
@@ -75,10 +79,17 @@ def main(repeats: int = 3) -> None:
         "spearman_taylor_vs_kl": round(profile.meta["summary"]["spearman"]["taylor_vs_kl"], 3),
         "spearman_taylor_vs_dnll": round(profile.meta["summary"]["spearman"]["taylor_vs_dnll"], 3),
     }
-    path = Path(__file__).parent / "results" / "profile_speed.json"
+    name = "profile_speed" + ("" if formats == DEFAULT_FORMATS else f"-{formats}")
+    path = Path(__file__).parent / "results" / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", default=DEFAULT_FORMATS, help="candidate set (default: the profile's default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    main(args.repeats, args.formats)
