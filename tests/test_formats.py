@@ -111,3 +111,11 @@ def test_engine_plan_in_the_cache_counts_engine_bytes(tiny_model):
     assert cache.nbytes() == plan.cache_bytes(ModelShape(3, 2, 32), cache.get_seq_length(), batch=2)
     k = torch.randn(1, 2, 5, 32, dtype=torch.float64)
     assert torch.equal(fake_quantize(k, QuantSpec.engine("q4_1")), formats.fake_quantize(k, "q4_1"))
+
+
+def test_set_names_may_stand_inside_a_list_of_candidates():
+    from kvtune.formats import FORMAT_SETS, resolve_formats
+
+    names = resolve_formats("int+g, k3v3r128,K4V2")
+    assert len(names) == len(FORMAT_SETS["int+g"]) + 1 and names[-1] == "K3V3r128"  # K4V2 is already in int+g
+    assert "K2V2g64" in names and resolve_formats("k2v2G64") == ["K2V2g64"]
