@@ -43,7 +43,8 @@ _LLAMA_CPP_FROM_INT = {16: 16, 8: "q8_0", 4: "q4_1"}
 # Per-layer options of the engines that take one setting per layer: name → (K label, V label).
 _MODELOPT = {"NVFP4": ("nvfp4", "nvfp4"), "FP8_K_NVFP4_V": ("fp8", "nvfp4"), "FP8": ("fp8", "fp8"), None: (16, 16)}
 _TRTLLM = {"nvfp4": ("nvfp4", "nvfp4"), "fp8": ("fp8", "fp8"), "auto": (16, 16)}
-_SGLANG = {"fp4_e2m1": ("nvfp4", "nvfp4"), "fp8_e4m3": ("fp8", "fp8"), "bf16": (16, 16)}
+# SGLang's released --kv-cache-dtype names (0.5.23: auto, fp8_e5m2, fp8_e4m3, mxfp8, bf16, nvfp4, fp4_mx_block16).
+_SGLANG = {"nvfp4": ("nvfp4", "nvfp4"), "fp8_e4m3": ("fp8", "fp8"), "bf16": (16, 16)}
 
 
 @dataclass
@@ -81,6 +82,15 @@ def _uniform_widths(plan: Plan, allowed: tuple[int, ...], target: str, nearest: 
     if (k_bits, v_bits) != (plan.layers[0].key.bits, plan.layers[0].value.bits) or len(set(plan.pairs)) > 1:
         notes.append(f"rounded up to K{k_bits}V{v_bits} in every layer (nearest expressible with no fewer bits)")
     return k_bits, v_bits, notes
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvtune")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
 
 
 def _memory_note(before: Plan, after: Plan, shape: ModelShape | None, context: int = 32768) -> str:
@@ -197,6 +207,9 @@ def _llama_cpp_streams(plan: Plan, target: str, nearest: bool, ends: bool) -> tu
                 pattern = (base_t, 0, base_t, 0, base_t)
             notes.append(f"rounded {which.upper()} up to {target} types with no fewer bits")
         first_t, n_first, base_t, n_last, last_t = pattern
+        # An end run of the base type is no end run: ik_llama.cpp needs no -first/-last flag for it.
+        n_first, n_last = (0 if first_t == base_t else n_first), (0 if last_t == base_t else n_last)
+        pattern = (first_t, n_first, base_t, n_last, last_t)
         chosen[which] = pattern
         new_labels[which] = [first_t if i < n_first else last_t if i >= len(labels) - n_last else base_t for i in range(len(labels))]
     layers = tuple(_layer_of(k, v, layer) for k, v, layer in zip(new_labels["k"], new_labels["v"], plan.layers))
@@ -265,11 +278,17 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
         kv = {"kv_cache_quant_algo": algos.pop() if len(algos) == 1 and not skipped else "MIXED_PRECISION"}
         if kv["kv_cache_quant_algo"] == "MIXED_PRECISION":
             kv["kv_cache_quantized_layers"] = quantized
+        else:  # the schema of Model-Optimizer PR #2272 lists the layers for a uniform plan too
+            kv["kv_cache_quantized_layers"] = quantized
         kv["kv_cache_schema_version"] = 1
-        payload = {"quantization": kv}
+        payload = {"producer": {"name": "kvtune", "version": _version()}, "quantization": kv}
         if skipped:
-            payload["vllm_args"] = ["--kv-cache-dtype-skip-layers", ",".join(map(str, skipped))]
+            # vLLM's --kv-cache-dtype-skip-layers takes layers as separate values ("0 5"); "0,5" is ignored.
+            payload["vllm_args"] = ["--kv-cache-dtype-skip-layers", *map(str, skipped)]
+            payload["vllm_llm_kwargs"] = {"kv_cache_dtype_skip_layers": [str(i) for i in skipped]}
             notes.append(f"layers {skipped} stay unquantized: left out of the map; vLLM keeps them with --kv-cache-dtype-skip-layers")
+        notes.append("the per-layer map is read by ModelOpt after PR #2272 and by vLLM's open layer-wise PRs; released vLLM "
+                     "and ModelOpt 0.47 take one --kv-cache-dtype plus --kv-cache-dtype-skip-layers")
         notes.append("FP8 and NVFP4 per-tensor scales are the engine's own calibration; kvtune writes which format each layer uses")
     elif fmt == "trtllm":
         names, rounded, notes = _per_layer(plan, _TRTLLM, "TensorRT-LLM", nearest)
@@ -282,6 +301,9 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
         payload = {"args": ["--kv-cache-dtype", default if default != "bf16" else "auto"],
                    "kv_cache_dtype_layers": _range_string(overrides),
                    "kv_cache_dtype_map": {i: name for i, name in enumerate(names) if name != default}}
+        if overrides:
+            notes.append("per-layer KV dtypes are in no SGLang release (0.5.23 takes one --kv-cache-dtype); the overrides "
+                         "are for builds that add them")
     else:
         ends = fmt == "ik-llama.cpp"
         target = "ik_llama.cpp" if ends else "llama.cpp"

@@ -26,13 +26,17 @@ ENDS = _plan("k[q8_0]v[q8_0]", "k[q8_0]v[q4_1]", "k[q4_0]v[q4_1]", "k[q4_0]v[q4_
 @pytest.mark.parametrize("fmt, plan", [("modelopt-hf", VLLM_MIXED), ("trtllm", PER_LAYER), ("sglang", PER_LAYER),
                                        ("llama.cpp", LLAMA_UNIFORM), ("ik-llama.cpp", ENDS)])
 def test_exporters_write_the_golden_files(fmt, plan, tmp_path):
+    from kvtune.export import _version
+
     written = json.loads(export_plan(plan, fmt, tmp_path / "out.json").path.read_text())
-    assert written == json.loads((GOLDEN / f"{fmt}.json").read_text())
+    assert written == json.loads((GOLDEN / f"{fmt}.json").read_text().replace("KVTUNE_VERSION", _version()))
 
 
 def test_uniform_engine_plans_take_the_simple_forms(tmp_path):
     fp8 = json.loads(export_plan(_plan(*["k[fp8]v[fp8]"] * 6), "modelopt-hf", tmp_path / "m.json").path.read_text())
-    assert fp8["quantization"] == {"kv_cache_quant_algo": "FP8", "kv_cache_schema_version": 1}
+    assert fp8["quantization"] == {"kv_cache_quant_algo": "FP8", "kv_cache_schema_version": 1,  # PR #2272: the map too
+                                   "kv_cache_quantized_layers": {f"model.layers.{i}.self_attn": {"quant_algo": "FP8"} for i in range(6)}}
+    assert fp8["producer"]["name"] == "kvtune" and "vllm_args" not in fp8
     ik = json.loads(export_plan(LLAMA_UNIFORM, "ik-llama.cpp", tmp_path / "ik.json").path.read_text())
     assert ik["args"] == ["--cache-type-k", "q8_0", "--cache-type-v", "q4_1"]
 
@@ -61,3 +65,30 @@ def test_nearest_rounds_up_and_reports_memory(tmp_path):
     result = export_plan(ENDS, "llama.cpp", tmp_path / "c.json", nearest=True)
     assert json.loads(result.path.read_text())["args"] == ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"]
     assert "MiB" in result.notes[1]
+
+
+def test_vllm_skip_list_is_written_as_separate_values(tmp_path):
+    """vLLM honours --kv-cache-dtype-skip-layers 0 5 (a list of strings); "0,5" is silently ignored."""
+    plan = _plan("k16v16", "k[fp8]v[fp8]", "k[fp8]v[fp8]", "k[fp8]v[fp8]", "k[fp8]v[fp8]", "k16v16")
+    written = json.loads(export_plan(plan, "modelopt-hf", tmp_path / "m.json").path.read_text())
+    assert written["vllm_args"] == ["--kv-cache-dtype-skip-layers", "0", "5"]
+    assert written["vllm_llm_kwargs"] == {"kv_cache_dtype_skip_layers": ["0", "5"]}
+
+
+def test_vllm_skip_list_round_trips_through_vllms_own_parser(tmp_path):
+    """Where vLLM is importable, its engine argument parser reads the exported flags back as the layers skipped."""
+    args_module = pytest.importorskip("vllm.engine.arg_utils", reason="vLLM is not installed (an optional engine)")
+    from vllm.utils import FlexibleArgumentParser
+
+    plan = _plan("k16v16", "k[fp8]v[fp8]", "k[fp8]v[fp8]", "k[fp8]v[fp8]", "k[fp8]v[fp8]", "k16v16")
+    written = json.loads(export_plan(plan, "modelopt-hf", tmp_path / "m.json").path.read_text())
+    parser = args_module.EngineArgs.add_cli_args(FlexibleArgumentParser())
+    parsed = parser.parse_args(["--model", "m", "--kv-cache-dtype", "fp8", *written["vllm_args"]])
+    assert [str(x) for x in parsed.kv_cache_dtype_skip_layers] == ["0", "5"]
+
+
+def test_ik_end_runs_of_the_base_type_get_no_flags(tmp_path):
+    """Rounding may lift an end run to the middle's type: then no -first/-last flag repeats the base type."""
+    plan = _plan("k2v4", "k[q4_1]v[q4_1]", "k[q4_1]v[q4_1]", "k[q4_1]v[q4_1]", "k[q4_1]v[q4_1]", "k[q8_0]v[q4_1]")  # 2 bits lift to q4_1
+    written = json.loads(export_plan(plan, "ik-llama.cpp", tmp_path / "ik.json", nearest=True).path.read_text())
+    assert written["args"] == ["--cache-type-k", "q4_1", "--cache-type-v", "q4_1", "--cache-type-k-last", "q8_0,1"]
