@@ -78,7 +78,10 @@ def test_vllm_skip_list_is_written_as_separate_values(tmp_path):
 def test_vllm_skip_list_round_trips_through_vllms_own_parser(tmp_path):
     """Where vLLM is importable, its engine argument parser reads the exported flags back as the layers skipped."""
     args_module = pytest.importorskip("vllm.engine.arg_utils", reason="vLLM is not installed (an optional engine)")
-    from vllm.utils import FlexibleArgumentParser
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser  # vLLM ≥ 0.11
+    except ImportError:
+        from vllm.utils import FlexibleArgumentParser
 
     plan = _plan("k16v16", "k[fp8]v[fp8]", "k[fp8]v[fp8]", "k[fp8]v[fp8]", "k[fp8]v[fp8]", "k16v16")
     written = json.loads(export_plan(plan, "modelopt-hf", tmp_path / "m.json").path.read_text())
