@@ -119,7 +119,7 @@ def export(
     format: str = typer.Option("kvtune", "--format", "-f", help=_export_help()),
     out: Optional[Path] = typer.Option(None, help="Output file (default outputs/export/<format>.json)."),
     nearest: bool = typer.Option(False, "--nearest", help="Round layers the target cannot express up to its nearest setting."),
-    backend: str = typer.Option("quanto", help="QuantizedCache backend for hf-quantized-cache (quanto, hqq)."),
+    backend: str = typer.Option("quanto", help="QuantizedCache backend for hf-quantized-cache (quanto, hqq, fp8)."),
     layers: int = typer.Option(30, min=1, max=4096, help="Layer count for a named plan (a file states its own)."),
     overwrite: bool = _OVERWRITE,
 ):

@@ -35,7 +35,12 @@ from kvtune.quant import QuantSpec
 
 FORMATS = ("kvtune", "hf-quantized-cache", "modelopt-hf", "trtllm", "sglang", "llama.cpp", "ik-llama.cpp")
 # transformers' QuantizedCache backends and the widths each accepts (its own checks).
-_HF_BITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}
+_HF_BITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8), "fp8": ()}
+# (axis_key, axis_value) closest to kvtune's per-channel keys and per-token values. The same axis
+# means opposite groupings on the two backends: quanto's axis 0 groups each token, hqq's each channel.
+# quanto's per-channel keys (-1) need every prompt's tokens × heads to be a multiple of the group,
+# so they are not written: quanto keys are grouped per token.
+_HF_AXES = {"quanto": (0, 0), "hqq": (0, 1)}
 # llama.cpp KV cache types (kvtune label → type name); an integer width maps to the type of
 # that nominal width, asymmetric 4-bit (q4_1) for kvtune's asymmetric int4.
 _LLAMA_CPP_TYPES = {16: "f16", "q8_0": "q8_0", "q4_1": "q4_1", "q4_0": "q4_0"}
@@ -254,7 +259,12 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
         files.write_text(out, text)
         return Exported(fmt, out, [])
     first = plan.layers[0]
-    if fmt == "hf-quantized-cache":
+    if fmt == "hf-quantized-cache" and backend == "fp8":
+        # transformers' fp8 backend: E4M3 with one per-tensor scale, calibrated on the first update and frozen; every layer.
+        _, rounded, notes = _per_layer(plan, {"fp8": ("fp8", "fp8")}, "transformers QuantizedCache[fp8]", nearest)
+        notes.append("the fp8 backend freezes each layer's scale on the prompt and keeps no full-precision window")
+        payload = {"cache_implementation": "quantized", "cache_config": {"backend": "fp8"}}
+    elif fmt == "hf-quantized-cache":
         bits, _, notes = _uniform_widths(plan, _HF_BITS[backend], f"transformers QuantizedCache[{backend}]", nearest, same_kv=True)
         # QuantizedCache groups every tensor along one axis with one group size and window.
         # One group and one window for all layers: the finest group and the longest window any layer has.
@@ -265,9 +275,16 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
         if len({(s.group_size, layer.residual) for layer in plan.layers for s in (layer.key, layer.value) if s in integers}) > 1:
             notes.append(f"layers differ in group size or window; QuantizedCache takes one: group {group} (the finest) and "
                          f"window {residual} (the longest), no less accurate and a little more memory")
-        config = {"backend": backend, "nbits": bits, "axis_key": 0, "axis_value": 0,
+        axis_key, axis_value = _HF_AXES[backend]
+        config = {"backend": backend, "nbits": bits, "axis_key": axis_key, "axis_value": axis_value,
                   "q_group_size": group, "residual_length": residual}
-        notes.append("QuantizedCache quantizes K and V per-channel with one group size: kvtune's per-token values are not expressible")
+        if backend == "quanto":
+            notes.append("quanto groups K and V per token (axis 0): kvtune's per-channel keys are not written, quanto's "
+                         "per-channel keys fail on prompts whose tokens × heads the group does not divide")
+        else:
+            notes.append("hqq: keys per channel (axis 0) and values per token (axis 1), as kvtune stores them")
+        notes.append(f"residual_length {residual}: transformers keeps between 0 and {max(residual - 1, 0)} recent tokens "
+                     "unquantized (it quantizes all of them once the window fills), not always the last ones as kvtune does")
         rounded = Plan.uniform(f"k{bits}v{bits}", len(plan), group_size=group, residual=residual)
         payload = {"cache_implementation": "quantized", "cache_config": config}
     elif fmt == "modelopt-hf":

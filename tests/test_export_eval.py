@@ -120,3 +120,30 @@ def test_three_bit_plans_export_where_the_target_has_three_bits(tmp_path):
     assert json.loads(quanto.path.read_text())["cache_config"]["nbits"] == 4
     cpp = json.loads(export_plan(k3v3, "llama.cpp", tmp_path / "cpp.json", nearest=True).path.read_text())
     assert cpp["args"] == ["--cache-type-k", "q4_1", "--cache-type-v", "q4_1"]  # no llama.cpp type below 4 bits
+
+
+def test_quantized_cache_axes_per_backend_and_the_fp8_backend(tiny_model, tmp_path):
+    """quanto groups per token on axis 0 for K and V; hqq's axis 0 is per channel, so kvtune's layout
+    is axis_key 0, axis_value 1 there. A uniform FP8 plan becomes the fp8 backend, which transformers
+    accepts: generate() runs with the exported cache_config."""
+    import torch
+
+    plan = Plan.uniform("k4v4", 4)
+    hqq = export_plan(plan, "hf-quantized-cache", tmp_path / "hqq.json", backend="hqq")
+    assert json.loads(hqq.path.read_text())["cache_config"]["axis_key"] == 0
+    assert json.loads(hqq.path.read_text())["cache_config"]["axis_value"] == 1
+    assert any("between 0 and 31 recent tokens" in n for n in hqq.notes)
+    quanto = export_plan(plan, "hf-quantized-cache", tmp_path / "quanto.json")
+    assert any("quanto groups K and V per token" in n for n in quanto.notes)
+    fp8 = json.loads(export_plan(Plan.uniform("k[fp8]v[fp8]", 4), "hf-quantized-cache", tmp_path / "fp8.json",
+                                 backend="fp8").path.read_text())
+    assert fp8["cache_config"] == {"backend": "fp8"}
+    with pytest.raises(PlanError, match="QuantizedCache\\[fp8\\] cannot express layer 0"):
+        export_plan(plan, "hf-quantized-cache", tmp_path / "x.json", backend="fp8")
+    assert json.loads(export_plan(plan, "hf-quantized-cache", tmp_path / "y.json", backend="fp8",
+                                  nearest=True).path.read_text())["cache_config"] == {"backend": "fp8"}
+    ids = torch.randint(3, 200, (1, 12))
+    out = tiny_model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                              **{k: v for k, v in fp8.items() if k != "kvtune"})
+    assert out.sequences.shape[1] == 16
+    assert type(out.past_key_values.layers[0]).__name__ == "Fp8QuantizedLayer"  # the engine took the fp8 backend
