@@ -189,7 +189,7 @@ def _csv(text: str) -> list[str]:
 def profile(
     model: str = typer.Option("default", help="Model to profile (see `kvtune ppl --help`)."),
     data: str = typer.Option("enwiki", help="Calibration text (see `kvtune ppl --help`)."),
-    formats: str = typer.Option("int+g", "--formats", "--pairs", help="Candidates: int+g (default: int+ and its pairs of 4 bits or less in groups of 64), int (8 pairs of 16/8/4/2 bits), int+ (with 3-bit K and V), vllm, llama.cpp, engine, all, or a list like k8v4,k2v2g64,k3v3r128,k[fp8]v[nvfp4] (g: group size, r: full-precision window)."),
+    formats: str = typer.Option("int+g", "--formats", "--pairs", help="Candidates: int+g (default: int+ and its pairs of 4 bits or less in groups of 64), int (8 pairs of 16/8/4/2 bits), int+ (with 3-bit K and V), vllm, llama.cpp, llama.cpp+ (with q5_0/q5_1), engine, all, or a list like k8v4,k2v2g64,k3v3r128,k[fp8]v[nvfp4] (g: group size, r: full-precision window)."),
     max_tokens: int = typer.Option(512, min=16, help="Tokens per calibration window."),
     windows: int = typer.Option(8, min=1, help="Calibration windows (more: slower, less noisy)."),
     batch_size: int = typer.Option(2, min=1),
@@ -247,7 +247,7 @@ def search(
     verify: int = typer.Option(3, min=0, help="Best predicted plans to measure on verification text (0: pick by prediction)."),
     verify_windows: int = typer.Option(16, min=1, help="At most this many verification windows; the race stops once one plan is clearly best."),
     verify_uniform: bool = typer.Option(True, help="Also measure the uniform plans that fit the budget; the best measured plan wins."),
-    formats: str = typer.Option("", help="Search only these profiled candidates: int+g, int, int+, vllm, llama.cpp, engine, all, or a list (default: every profiled candidate)."),
+    formats: str = typer.Option("", help="Search only these profiled candidates: int+g, int, int+, vllm, llama.cpp, llama.cpp+, engine, all, or a list (default: every profiled candidate)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     dtype: Optional[str] = _DTYPE,

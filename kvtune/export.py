@@ -43,8 +43,8 @@ _HF_BITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8), "fp8": ()}
 _HF_AXES = {"quanto": (0, 0), "hqq": (0, 1)}
 # llama.cpp KV cache types (kvtune label → type name); an integer width maps to the type of
 # that nominal width, asymmetric 4-bit (q4_1) for kvtune's asymmetric int4.
-_LLAMA_CPP_TYPES = {16: "f16", "q8_0": "q8_0", "q4_1": "q4_1", "q4_0": "q4_0"}
-_LLAMA_CPP_FROM_INT = {16: 16, 8: "q8_0", 4: "q4_1"}
+_LLAMA_CPP_TYPES = {16: "f16", "q8_0": "q8_0", "q4_1": "q4_1", "q4_0": "q4_0", "q5_1": "q5_1", "q5_0": "q5_0"}
+_LLAMA_CPP_FROM_INT = {16: 16, 8: "q8_0", 5: "q5_1", 4: "q4_1"}
 # Per-layer options of the engines that take one setting per layer: name → (K label, V label).
 _MODELOPT = {"NVFP4": ("nvfp4", "nvfp4"), "FP8_K_NVFP4_V": ("fp8", "nvfp4"), "FP8": ("fp8", "fp8"), None: (16, 16)}
 _TRTLLM = {"nvfp4": ("nvfp4", "nvfp4"), "fp8": ("fp8", "fp8"), "auto": (16, 16)}
@@ -156,9 +156,12 @@ def _lift_llama_cpp(labels: list[Label]) -> Label:
     need = max(_bits(x) for x in labels)
     if need > 8:
         return 16
-    if need > 4:
+    if need > 5:
         return "q8_0"
-    return "q4_1" if any(x in ("q4_1",) or isinstance(x, int) for x in labels) else "q4_0"
+    asymmetric = any(x in ("q4_1", "q5_1") or isinstance(x, int) for x in labels)  # kvtune's integers have a minimum too
+    if need > 4:
+        return "q5_1" if asymmetric else "q5_0"
+    return "q4_1" if asymmetric else "q4_0"
 
 
 def _stream_pattern(labels: list[Label]) -> tuple[Label, int, Label, int, Label] | None:
@@ -350,7 +353,7 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
                 if n_last:
                     args += [f"{flag}-last", f"{name(last_t)},{n_last}"]
         payload["args"] = args
-        notes.append(f"{target} stores q8_0/q4_0/q4_1 in blocks of 32 along head_dim and keeps no full-precision window")
+        notes.append(f"{target} stores q8_0/q5_x/q4_x in blocks of 32 along head_dim and keeps no full-precision window")
     if notes and notes[0].startswith("rounded"):
         notes.insert(1, _memory_note(plan, rounded, plan.shape))
     payload["kvtune"] = {"source_plan": plan.name, "notes": notes}

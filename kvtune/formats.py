@@ -9,6 +9,8 @@ format      stored as                                                  nominal b
 ``q8_0``    llama.cpp: int8 in blocks of 32, fp16 scale                 8             8.5
 ``q4_0``    llama.cpp: 4-bit in blocks of 32, fp16 scale (symmetric)    4             4.5
 ``q4_1``    llama.cpp: 4-bit in blocks of 32, fp16 scale and minimum    4             5
+``q5_0``    llama.cpp: 5-bit in blocks of 32, fp16 scale (symmetric)    5             5.5
+``q5_1``    llama.cpp: 5-bit in blocks of 32, fp16 scale and minimum    5             6
 ==========  =========================================================  ============  ==============
 
 Each format is one function ``quantize(x) -> (codes, scales…)`` and one ``dequantize``; the
@@ -27,8 +29,8 @@ E4M3_MAX = 448.0
 E2M1_MAX = 6.0
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
-ENGINE_FORMATS = {"fp8": 8, "nvfp4": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4}  # name -> nominal bits
-BLOCK = {"fp8": None, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32}
+ENGINE_FORMATS = {"fp8": 8, "nvfp4": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}  # name -> nominal bits
+BLOCK = {"fp8": None, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32}
 
 
 def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -132,6 +134,31 @@ def q4_1_dequantize(codes, d, m, dtype=torch.float32) -> torch.Tensor:
     return (codes.float() * d.float() + m.float()).flatten(-2).to(dtype)
 
 
+def q5_0_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As q4_0 with 32 levels: the signed value of largest magnitude maps to code 0."""
+    blocks = _blocks(x, 32)
+    signed_max = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    d = signed_max / -16.0
+    codes = torch.clamp(torch.trunc(blocks * _safe_inverse(d) + 16.5), 0, 31).to(torch.uint8)
+    return codes, d.to(torch.float16)
+
+
+def q5_0_dequantize(codes, d, dtype=torch.float32) -> torch.Tensor:
+    return ((codes.float() - 16.0) * d.float()).flatten(-2).to(dtype)
+
+
+def q5_1_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    blocks = _blocks(x, 32)
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    d = (hi - lo) / 31.0
+    codes = torch.clamp(torch.trunc((blocks - lo) * _safe_inverse(d) + 0.5), 0, 31).to(torch.uint8)
+    return codes, d.to(torch.float16), lo.to(torch.float16)
+
+
+def q5_1_dequantize(codes, d, m, dtype=torch.float32) -> torch.Tensor:
+    return (codes.float() * d.float() + m.float()).flatten(-2).to(dtype)
+
+
 # ---- one entry point per use -------------------------------------------------------------------
 
 
@@ -147,6 +174,10 @@ def fake_quantize(x: torch.Tensor, name: str, per_head: bool = False) -> torch.T
         return q4_0_dequantize(*q4_0_quantize(x), dtype=x.dtype)
     if name == "q4_1":
         return q4_1_dequantize(*q4_1_quantize(x), dtype=x.dtype)
+    if name == "q5_0":
+        return q5_0_dequantize(*q5_0_quantize(x), dtype=x.dtype)
+    if name == "q5_1":
+        return q5_1_dequantize(*q5_1_quantize(x), dtype=x.dtype)
     raise ValueError(f"unknown engine format {name!r}: expected one of {sorted(ENGINE_FORMATS)}")
 
 
@@ -168,6 +199,10 @@ def nbytes(name: str, tokens: int, head_dim: int, rows: int = 1, per_head: bool 
         return elements // 2 + 2 * (elements // 32)
     if name == "q4_1":
         return elements // 2 + 4 * (elements // 32)
+    if name == "q5_0":  # 4 low bits, 32 high bits per block, fp16 scale
+        return elements // 32 * 22
+    if name == "q5_1":  # and an fp16 minimum
+        return elements // 32 * 24
     raise ValueError(f"unknown engine format {name!r}")
 
 
@@ -184,12 +219,16 @@ _INT_PLUS_G_PAIRS = _INT_PLUS_PAIRS + tuple(f"{p}g64" for p in _INT_PLUS_PAIRS i
 _VLLM_PAIRS = ("k16v16", "k[fp8]v[fp8]", "k[fp8]v[nvfp4]", "k[nvfp4]v[nvfp4]")
 _LLAMA_CPP_TYPES = ("16", "[q8_0]", "[q4_0]", "[q4_1]")  # f16 and the block types; K and V chosen apart
 _LLAMA_CPP_PAIRS = tuple(f"k{k}v{v}" for k in _LLAMA_CPP_TYPES for v in _LLAMA_CPP_TYPES)
+# llama.cpp's cache types including its 5-bit ones (q5_0, q5_1): 36 pairs.
+_LLAMA_CPP_PLUS_TYPES = _LLAMA_CPP_TYPES + ("[q5_0]", "[q5_1]")
+_LLAMA_CPP_PLUS_PAIRS = tuple(f"k{k}v{v}" for k in _LLAMA_CPP_PLUS_TYPES for v in _LLAMA_CPP_PLUS_TYPES)
 FORMAT_SETS = {
     "int": _INT_PAIRS,
     "int+": _INT_PLUS_PAIRS,
     "int+g": _INT_PLUS_G_PAIRS,
     "vllm": _VLLM_PAIRS,
     "llama.cpp": _LLAMA_CPP_PAIRS,
+    "llama.cpp+": _LLAMA_CPP_PLUS_PAIRS,
     "engine": tuple(dict.fromkeys(_VLLM_PAIRS + _LLAMA_CPP_PAIRS)),
     "all": tuple(dict.fromkeys(_INT_PLUS_PAIRS + _VLLM_PAIRS + _LLAMA_CPP_PAIRS)),
 }

@@ -53,7 +53,7 @@ class QuantSpec:
     """How one of K or V is stored in one layer. ``bits == 16`` keeps the tensor as it is.
 
     ``format`` is ``"int"`` (this module's asymmetric integers, 16 = unquantized) or an engine's
-    native format from :mod:`kvtune.formats` (``fp8``, ``nvfp4``, ``q8_0``, ``q4_0``, ``q4_1``);
+    native format from :mod:`kvtune.formats` (``fp8``, ``nvfp4``, ``q8_0``, ``q5_0``, ``q5_1``, ``q4_0``, ``q4_1``);
     for those ``bits`` is the nominal width, and ``mode``/``group_size`` are the format's own
     (``fp8``: ``per-tensor`` or ``per-head`` scale; the block formats: ``per-block``).
     """

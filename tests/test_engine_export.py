@@ -95,3 +95,15 @@ def test_ik_end_runs_of_the_base_type_get_no_flags(tmp_path):
     plan = _plan("k2v4", "k[q4_1]v[q4_1]", "k[q4_1]v[q4_1]", "k[q4_1]v[q4_1]", "k[q4_1]v[q4_1]", "k[q8_0]v[q4_1]")  # 2 bits lift to q4_1
     written = json.loads(export_plan(plan, "ik-llama.cpp", tmp_path / "ik.json", nearest=True).path.read_text())
     assert written["args"] == ["--cache-type-k", "q4_1", "--cache-type-v", "q4_1", "--cache-type-k-last", "q8_0,1"]
+
+
+def test_llama_cpp_5_bit_types(tmp_path):
+    """q5_0/q5_1 are llama.cpp cache types: written as they are; kvtune's 5-bit integers and any K of
+    5 bits round up to q5_1 (asymmetric, like kvtune's) rather than to q8_0."""
+    exact = json.loads(export_plan(_plan(*["k[q5_0]v[q5_1]"] * 6), "llama.cpp", tmp_path / "a.json").path.read_text())
+    assert exact["args"] == ["--cache-type-k", "q5_0", "--cache-type-v", "q5_1"]
+    lifted = json.loads(export_plan(_plan(*["k5v4"] * 6), "llama.cpp", tmp_path / "b.json", nearest=True).path.read_text())
+    assert lifted["args"] == ["--cache-type-k", "q5_1", "--cache-type-v", "q4_1"]
+    mixed = json.loads(export_plan(_plan("k[q5_0]v[q4_0]", *["k[q4_0]v[q4_0]"] * 5), "llama.cpp", tmp_path / "c.json",
+                                   nearest=True).path.read_text())
+    assert mixed["args"] == ["--cache-type-k", "q5_0", "--cache-type-v", "q4_0"]

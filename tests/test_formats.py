@@ -119,3 +119,20 @@ def test_set_names_may_stand_inside_a_list_of_candidates():
     names = resolve_formats("int+g, k3v3r128,K4V2")
     assert len(names) == len(FORMAT_SETS["int+g"]) + 1 and names[-1] == "K3V3r128"  # K4V2 is already in int+g
     assert "K2V2g64" in names and resolve_formats("k2v2G64") == ["K2V2g64"]
+
+
+@pytest.mark.parametrize("name, ggml", [("q5_0", "Q5_0"), ("q5_1", "Q5_1"), ("q4_0", "Q4_0"), ("q4_1", "Q4_1"), ("q8_0", "Q8_0")])
+def test_llama_cpp_formats_equal_gguf_reference(name, ggml):
+    """Against gguf-py's own quantize/dequantize (llama.cpp's Python reference), value for value."""
+    import numpy as np
+
+    quants = pytest.importorskip("gguf.quants")
+    from gguf import GGMLQuantizationType
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 128) * torch.rand(6, 1) * 3
+    x[0, :32] = 0.0  # an all-zero block
+    reference = quants.dequantize(quants.quantize(x.numpy(), getattr(GGMLQuantizationType, ggml)), getattr(GGMLQuantizationType, ggml))
+    ours = formats.fake_quantize(x, name)
+    np.testing.assert_array_equal(ours.numpy(), reference.astype(np.float32))
+    assert formats.nbytes(name, 6, 128) == len(quants.quantize(x.numpy(), getattr(GGMLQuantizationType, ggml)).tobytes())
