@@ -271,11 +271,10 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
         bits, _, notes = _uniform_widths(plan, _HF_BITS[backend], f"transformers QuantizedCache[{backend}]", nearest, same_kv=True)
         # QuantizedCache groups every tensor along one axis with one group size and window.
         # One group and one window for all layers: the finest group and the longest window any layer has.
-        integers = [s for layer in plan.layers for s in (layer.key, layer.value) if s.is_quantized and not s.is_engine]
-        group = min((s.group_size for s in integers), default=first.key.group_size)
-        residual = max((layer.residual for layer in plan.layers if any(s in integers for s in (layer.key, layer.value))),
-                       default=first.residual)
-        if len({(s.group_size, layer.residual) for layer in plan.layers for s in (layer.key, layer.value) if s in integers}) > 1:
+        settings = {(s.group_size, layer.residual) for layer in plan.layers for s in layer.integer_specs}
+        group = min((g for g, _ in settings), default=first.key.group_size)
+        residual = max((r for _, r in settings), default=first.residual)
+        if len(settings) > 1:
             notes.append(f"layers differ in group size or window; QuantizedCache takes one: group {group} (the finest) and "
                          f"window {residual} (the longest), no less accurate and a little more memory")
         axis_key, axis_value = _HF_AXES[backend]
@@ -296,10 +295,7 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
         quantized = {f"model.layers.{i}.self_attn": {"quant_algo": name} for i, name in enumerate(names) if name is not None}
         algos = set(names) - {None}
         kv = {"kv_cache_quant_algo": algos.pop() if len(algos) == 1 and not skipped else "MIXED_PRECISION"}
-        if kv["kv_cache_quant_algo"] == "MIXED_PRECISION":
-            kv["kv_cache_quantized_layers"] = quantized
-        else:  # the schema of Model-Optimizer PR #2272 lists the layers for a uniform plan too
-            kv["kv_cache_quantized_layers"] = quantized
+        kv["kv_cache_quantized_layers"] = quantized  # PR #2272's schema lists the layers for a uniform plan too
         kv["kv_cache_schema_version"] = 1
         payload = {"producer": {"name": "kvtune", "version": _version()}, "quantization": kv}
         if skipped:

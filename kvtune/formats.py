@@ -109,13 +109,31 @@ def q8_0_dequantize(codes, d, dtype=torch.float32) -> torch.Tensor:
     return (codes.float() * d.float()).flatten(-2).to(dtype)
 
 
-def q4_0_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _symmetric_quantize(x: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_0 (``half`` 8) and q5_0 (16): the signed value of largest magnitude (the first one on a
+    tie, as the C loop keeps it) maps to code 0, codes 0 .. 2·half − 1 around ``half``."""
     blocks = _blocks(x, 32)
-    # The signed value of largest magnitude (the first one on a tie, as the C loop keeps it).
     signed_max = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
-    d = signed_max / -8.0
-    codes = torch.clamp(torch.trunc(blocks * _safe_inverse(d) + 8.5), max=15).to(torch.uint8)
+    d = signed_max / -float(half)
+    codes = torch.clamp(torch.trunc(blocks * _safe_inverse(d) + (half + 0.5)), 0, 2 * half - 1).to(torch.uint8)
     return codes, d.to(torch.float16)
+
+
+def _asymmetric_quantize(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q4_1 (``levels`` 15) and q5_1 (31): the block's minimum and (max − min) / levels."""
+    blocks = _blocks(x, 32)
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    d = (hi - lo) / float(levels)
+    codes = torch.clamp(torch.trunc((blocks - lo) * _safe_inverse(d) + 0.5), 0, levels).to(torch.uint8)
+    return codes, d.to(torch.float16), lo.to(torch.float16)
+
+
+def _asymmetric_dequantize(codes, d, m, dtype=torch.float32) -> torch.Tensor:
+    return (codes.float() * d.float() + m.float()).flatten(-2).to(dtype)
+
+
+def q4_0_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _symmetric_quantize(x, 8)
 
 
 def q4_0_dequantize(codes, d, dtype=torch.float32) -> torch.Tensor:
@@ -123,24 +141,14 @@ def q4_0_dequantize(codes, d, dtype=torch.float32) -> torch.Tensor:
 
 
 def q4_1_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    blocks = _blocks(x, 32)
-    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
-    d = (hi - lo) / 15.0
-    codes = torch.clamp(torch.trunc((blocks - lo) * _safe_inverse(d) + 0.5), max=15).to(torch.uint8)
-    return codes, d.to(torch.float16), lo.to(torch.float16)
+    return _asymmetric_quantize(x, 15)
 
 
-def q4_1_dequantize(codes, d, m, dtype=torch.float32) -> torch.Tensor:
-    return (codes.float() * d.float() + m.float()).flatten(-2).to(dtype)
+q4_1_dequantize = _asymmetric_dequantize
 
 
 def q5_0_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """As q4_0 with 32 levels: the signed value of largest magnitude maps to code 0."""
-    blocks = _blocks(x, 32)
-    signed_max = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
-    d = signed_max / -16.0
-    codes = torch.clamp(torch.trunc(blocks * _safe_inverse(d) + 16.5), 0, 31).to(torch.uint8)
-    return codes, d.to(torch.float16)
+    return _symmetric_quantize(x, 16)
 
 
 def q5_0_dequantize(codes, d, dtype=torch.float32) -> torch.Tensor:
@@ -148,15 +156,16 @@ def q5_0_dequantize(codes, d, dtype=torch.float32) -> torch.Tensor:
 
 
 def q5_1_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    blocks = _blocks(x, 32)
-    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
-    d = (hi - lo) / 31.0
-    codes = torch.clamp(torch.trunc((blocks - lo) * _safe_inverse(d) + 0.5), 0, 31).to(torch.uint8)
-    return codes, d.to(torch.float16), lo.to(torch.float16)
+    return _asymmetric_quantize(x, 31)
 
 
-def q5_1_dequantize(codes, d, m, dtype=torch.float32) -> torch.Tensor:
-    return (codes.float() * d.float() + m.float()).flatten(-2).to(dtype)
+q5_1_dequantize = _asymmetric_dequantize
+
+# llama.cpp block formats: (quantize, dequantize), and (code bits, scale/minimum bytes) per block of 32.
+_BLOCK_CODECS = {"q8_0": (q8_0_quantize, q8_0_dequantize), "q4_0": (q4_0_quantize, q4_0_dequantize),
+                 "q4_1": (q4_1_quantize, q4_1_dequantize), "q5_0": (q5_0_quantize, q5_0_dequantize),
+                 "q5_1": (q5_1_quantize, q5_1_dequantize)}
+_BLOCK_BYTES = {"q8_0": (8, 2), "q4_0": (4, 2), "q4_1": (4, 4), "q5_0": (5, 2), "q5_1": (5, 4)}
 
 
 # ---- one entry point per use -------------------------------------------------------------------
@@ -168,16 +177,9 @@ def fake_quantize(x: torch.Tensor, name: str, per_head: bool = False) -> torch.T
         return fp8_fake(x, per_head)
     if name == "nvfp4":
         return nvfp4_fake(x)
-    if name == "q8_0":
-        return q8_0_dequantize(*q8_0_quantize(x), dtype=x.dtype)
-    if name == "q4_0":
-        return q4_0_dequantize(*q4_0_quantize(x), dtype=x.dtype)
-    if name == "q4_1":
-        return q4_1_dequantize(*q4_1_quantize(x), dtype=x.dtype)
-    if name == "q5_0":
-        return q5_0_dequantize(*q5_0_quantize(x), dtype=x.dtype)
-    if name == "q5_1":
-        return q5_1_dequantize(*q5_1_quantize(x), dtype=x.dtype)
+    if name in _BLOCK_CODECS:
+        quantize, dequantize = _BLOCK_CODECS[name]
+        return dequantize(*quantize(x), dtype=x.dtype)
     raise ValueError(f"unknown engine format {name!r}: expected one of {sorted(ENGINE_FORMATS)}")
 
 
@@ -193,16 +195,9 @@ def nbytes(name: str, tokens: int, head_dim: int, rows: int = 1, per_head: bool 
         return elements + 4 * (rows if per_head else 1)
     if name == "nvfp4":
         return elements // 2 + elements // 16 + 4
-    if name == "q8_0":
-        return elements + 2 * (elements // 32)
-    if name == "q4_0":
-        return elements // 2 + 2 * (elements // 32)
-    if name == "q4_1":
-        return elements // 2 + 4 * (elements // 32)
-    if name == "q5_0":  # 4 low bits, 32 high bits per block, fp16 scale
-        return elements // 32 * 22
-    if name == "q5_1":  # and an fp16 minimum
-        return elements // 32 * 24
+    if name in _BLOCK_BYTES:  # codes, then an fp16 scale (and minimum) per block of 32
+        code_bits, extra = _BLOCK_BYTES[name]
+        return elements * code_bits // 8 + extra * (elements // 32)
     raise ValueError(f"unknown engine format {name!r}")
 
 

@@ -157,9 +157,14 @@ class LayerPlan:
         return (self.key.bits + self.value.bits) / 2
 
     @property
+    def integer_specs(self) -> list[QuantSpec]:
+        """K and/or V where they are kvtune integers: the specs a group size and window apply to."""
+        return [s for s in (self.key, self.value) if s.is_quantized and not s.is_engine]
+
+    @property
     def candidate(self) -> str:
         """The pair with its group and window where they differ from kvtune's defaults: ``K2V2g64``."""
-        integers = [s for s in (self.key, self.value) if s.is_quantized and not s.is_engine]
+        integers = self.integer_specs
         groups = {s.group_size for s in integers}
         group = groups.pop() if len(groups) == 1 else None
         residual = self.residual if integers and self.residual != DEFAULT_RESIDUAL else None
@@ -237,7 +242,12 @@ def parse_candidate(text: str) -> tuple[Label, Label, int | None, int | None]:
 
 def candidate_name(k: Label, v: Label, group: int | None = None, residual: int | None = None) -> str:
     """The one spelling of a candidate: ``K4V2``, ``K2V2g64``, ``K3V3g64r128``."""
-    return pair_name(k, v) + ("" if group is None else f"g{group}") + ("" if residual is None else f"r{residual}")
+    return pair_name(k, v) + candidate_suffix(group, residual)
+
+
+def candidate_suffix(group: int | None, residual: int | None) -> str:
+    """``g64r0``: a candidate's own group and window, each where it has one."""
+    return ("" if group is None else f"g{group}") + ("" if residual is None else f"r{residual}")
 
 
 def fit_candidate(text: str, group_size: int, residual: int, head_dim: int | None = None, per_token: bool = True) -> str:

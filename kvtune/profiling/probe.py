@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvtune.plan import FULL_BITS, Label, LayerPlan, candidate_name, parse_candidate, spec_from_label
+from kvtune.plan import FULL_BITS, Label, LayerPlan, candidate_name, candidate_suffix, parse_candidate, spec_from_label
 from kvtune.quant import QuantSpec
 from kvtune.simulate import causal_softmax, fake_quantize_prefix, seen_quantized
 
@@ -35,7 +35,7 @@ class Side(NamedTuple):
     @property
     def name(self) -> str:
         """``4``, ``fp8``, ``2g64``, ``3g64r0``: the key of this side in the profile's sums."""
-        return str(self.label) + ("" if self.group is None else f"g{self.group}") + ("" if self.residual is None else f"r{self.residual}")
+        return str(self.label) + candidate_suffix(self.group, self.residual)
 
     @property
     def is_full(self) -> bool:
