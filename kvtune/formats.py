@@ -4,6 +4,9 @@
 format      stored as                                                  nominal bits  bits / element
 ==========  =========================================================  ============  ==============
 ``fp8``     E4M3 values, one fp32 scale per tensor (or per KV head)     8             8 (+ the scale)
+``fp8_e4m3``  E4M3 values, unit scale (vLLM's fp8 / fp8_e4m3 cache when  8             8
+            the checkpoint holds no KV scales)
+``fp8_e5m2``  E5M2 values, unit scale (vLLM's fp8_e5m2 cache)            8             8
 ``nvfp4``   E2M1 values in blocks of 16 along head_dim, an E4M3         4             4.5 (+ 32 bits
             scale per block, one fp32 scale per tensor                                per tensor)
 ``q8_0``    llama.cpp: int8 in blocks of 32, fp16 scale                 8             8.5
@@ -18,6 +21,9 @@ llama.cpp ones follow ``quantize_row_q*_ref`` in ggml-quants.c step for step (fl
 ``roundf`` rounding half away from zero, the scale rounded to fp16 after the codes are chosen).
 FP8 and NVFP4 scales are taken from the tensor itself (amax); an engine stores the per-tensor
 scale as a calibrated constant per layer, which is what the amax of a calibration batch gives.
+Released vLLM reads that constant from the checkpoint (ModelOpt writes it) and uses 1.0 when the
+checkpoint has none: ``fp8_e4m3`` and ``fp8_e5m2`` are those unit-scale caches, values saturated
+at the format's largest finite value and rounded to nearest even as vLLM's conversion does.
 Engines keep no full-precision window: every cached token is stored in the format.
 """
 
@@ -26,11 +32,12 @@ from __future__ import annotations
 import torch
 
 E4M3_MAX = 448.0
+E5M2_MAX = 57344.0
 E2M1_MAX = 6.0
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
-ENGINE_FORMATS = {"fp8": 8, "nvfp4": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}  # name -> nominal bits
-BLOCK = {"fp8": None, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32}
+ENGINE_FORMATS = {"fp8": 8, "fp8_e4m3": 8, "fp8_e5m2": 8, "nvfp4": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}  # name -> nominal bits
+BLOCK = {"fp8": None, "fp8_e4m3": None, "fp8_e5m2": None, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32}
 
 
 def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -61,6 +68,15 @@ def fp8_fake(x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
     scale = fp8_scale(x, per_head)
     codes = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return (codes.float() * scale).to(x.dtype)
+
+
+_UNIT_SCALE_FP8 = {"fp8_e4m3": (torch.float8_e4m3fn, E4M3_MAX), "fp8_e5m2": (torch.float8_e5m2, E5M2_MAX)}
+
+
+def fp8_unit_fake(x: torch.Tensor, name: str) -> torch.Tensor:
+    """vLLM's FP8 cache with its default scale of 1.0: saturate, round to the nearest FP8 value."""
+    dtype, largest = _UNIT_SCALE_FP8[name]
+    return x.float().clamp(-largest, largest).to(dtype).float().to(x.dtype)
 
 
 # ---- NVFP4 -------------------------------------------------------------------------------------
@@ -177,6 +193,8 @@ def fake_quantize(x: torch.Tensor, name: str, per_head: bool = False) -> torch.T
         return fp8_fake(x, per_head)
     if name == "nvfp4":
         return nvfp4_fake(x)
+    if name in _UNIT_SCALE_FP8:
+        return fp8_unit_fake(x, name)
     if name in _BLOCK_CODECS:
         quantize, dequantize = _BLOCK_CODECS[name]
         return dequantize(*quantize(x), dtype=x.dtype)
@@ -193,6 +211,8 @@ def nbytes(name: str, tokens: int, head_dim: int, rows: int = 1, per_head: bool 
         return 0
     if name == "fp8":
         return elements + 4 * (rows if per_head else 1)
+    if name in _UNIT_SCALE_FP8:
+        return elements
     if name == "nvfp4":
         return elements // 2 + elements // 16 + 4
     if name in _BLOCK_BYTES:  # codes, then an fp16 scale (and minimum) per block of 32
@@ -212,6 +232,11 @@ _INT_PLUS_PAIRS = ("k16v16", "k8v8", "k8v4", "k4v8", "k4v4", "k4v3", "k3v4", "k3
 _INT_PLUS_G_PAIRS = _INT_PLUS_PAIRS + tuple(f"{p}g64" for p in _INT_PLUS_PAIRS if max(map(int, p[1:].split("v"))) <= 4)
 # vLLM / ModelOpt per-layer algorithms: FP8, NVFP4, FP8 keys with NVFP4 values; skipped layers stay 16-bit.
 _VLLM_PAIRS = ("k16v16", "k[fp8]v[fp8]", "k[fp8]v[nvfp4]", "k[nvfp4]v[nvfp4]")
+# vLLM's layer-wise PRs (#56116, #56155/#56156): FP8 or NVFP4 per layer, never FP8 keys with NVFP4 values.
+_VLLM_LAYERWISE_PAIRS = ("k16v16", "k[fp8]v[fp8]", "k[nvfp4]v[nvfp4]")
+# Released vLLM: one --kv-cache-dtype for every layer but the --kv-cache-dtype-skip-layers set, which
+# stays 16-bit. A search over one of these sets is a search over the skipped set for that dtype.
+_VLLM_RELEASED = {"vllm-fp8": "fp8_e4m3", "vllm-fp8_e5m2": "fp8_e5m2", "vllm-fp8-scaled": "fp8", "vllm-nvfp4": "nvfp4"}
 _LLAMA_CPP_TYPES = ("16", "[q8_0]", "[q4_0]", "[q4_1]")  # f16 and the block types; K and V chosen apart
 _LLAMA_CPP_PAIRS = tuple(f"k{k}v{v}" for k in _LLAMA_CPP_TYPES for v in _LLAMA_CPP_TYPES)
 # llama.cpp's cache types including its 5-bit ones (q5_0, q5_1): 36 pairs.
@@ -222,6 +247,9 @@ FORMAT_SETS = {
     "int+": _INT_PLUS_PAIRS,
     "int+g": _INT_PLUS_G_PAIRS,
     "vllm": _VLLM_PAIRS,
+    "vllm-layerwise": _VLLM_LAYERWISE_PAIRS,
+    **{name: ("k16v16", f"k[{dtype}]v[{dtype}]") for name, dtype in _VLLM_RELEASED.items()},
+    "vllm-released": ("k16v16", *(f"k[{dtype}]v[{dtype}]" for dtype in _VLLM_RELEASED.values())),
     "llama.cpp": _LLAMA_CPP_PAIRS,
     "llama.cpp+": _LLAMA_CPP_PLUS_PAIRS,
     "engine": tuple(dict.fromkeys(_VLLM_PAIRS + _LLAMA_CPP_PAIRS)),

@@ -31,7 +31,7 @@ def kvtune_home() -> Path:
     return Path(os.environ.get("KVTUNE_HOME", Path.home() / ".cache" / "kvtune"))
 
 
-def _default_gguf() -> Path:
+def default_gguf() -> Path:
     # find_spec locates the package without importing it (its __init__ needs llama-cpp).
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -47,7 +47,7 @@ def _default_gguf() -> Path:
 def _convert_default(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _default_gguf()
+    gguf = default_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are plain tensors after GGUF dequantization; the quantizer record only blocks saving.

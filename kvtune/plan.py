@@ -329,7 +329,7 @@ class Plan:
             raise PlanError(f"plan was written for a model of {self.shape.describe()}, but {model_name} has {shape.describe()}")
         for i, layer in enumerate(self.layers):
             for which, spec in (("key", layer.key), ("value", layer.value)):
-                if spec.is_engine and spec.format != "fp8" and shape.head_dim % spec.group_size:
+                if spec.is_engine and spec.mode == "per-block" and shape.head_dim % spec.group_size:
                     raise PlanError(
                         f"layer {i} {which}: {spec.format} stores blocks of {spec.group_size} along head_dim, "
                         f"which does not divide head_dim {shape.head_dim} of {model_name}"

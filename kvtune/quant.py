@@ -87,8 +87,8 @@ class QuantSpec:
             if self.format not in ENGINE_FORMATS:
                 raise PlanError(f"unknown KV format {self.format!r}: expected 'int' or one of {sorted(ENGINE_FORMATS)}")
             object.__setattr__(self, "bits", ENGINE_FORMATS[self.format])
-            if self.format == "fp8":
-                if self.mode not in FP8_MODES:
+            if BLOCK[self.format] is None:  # the FP8 formats: a scale per tensor (fp8 also per head), no blocks
+                if self.mode not in FP8_MODES or self.format != "fp8":
                     object.__setattr__(self, "mode", "per-tensor")
                 object.__setattr__(self, "group_size", 32)
             else:
@@ -151,7 +151,7 @@ class QuantSpec:
 def check_shape(tokens: int, head_dim: int, spec: QuantSpec) -> None:
     """The one place that states which shapes a spec can quantize."""
     if spec.is_engine:
-        if spec.format != "fp8" and head_dim % spec.group_size:
+        if spec.mode == "per-block" and head_dim % spec.group_size:
             raise ValueError(f"head_dim {head_dim} is not a multiple of {spec.format}'s block of {spec.group_size}")
         return
     if any(head_dim % (8 // width) for width in PLANES[spec.bits]):

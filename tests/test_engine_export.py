@@ -20,10 +20,11 @@ def _plan(*pairs, name="p"):
 VLLM_MIXED = _plan("k16v16", "k[fp8]v[fp8]", "k[fp8]v[nvfp4]", "k[nvfp4]v[nvfp4]", "k[nvfp4]v[nvfp4]", "k[fp8]v[nvfp4]", name="vllm-mixed")
 PER_LAYER = _plan("k16v16", "k[fp8]v[fp8]", "k[fp8]v[fp8]", "k[nvfp4]v[nvfp4]", "k[nvfp4]v[nvfp4]", "k16v16", name="per-layer")
 LLAMA_UNIFORM = _plan(*["k[q8_0]v[q4_1]"] * 6, name="llama-uniform")
+RELEASED_VLLM = _plan("k16v16", *["k[fp8_e4m3]v[fp8_e4m3]"] * 4, "k16v16", name="released-vllm")
 ENDS = _plan("k[q8_0]v[q8_0]", "k[q8_0]v[q4_1]", "k[q4_0]v[q4_1]", "k[q4_0]v[q4_1]", "k[q4_0]v[q4_1]", "k[q8_0]v[q8_0]", name="ends")
 
 
-@pytest.mark.parametrize("fmt, plan", [("modelopt-hf", VLLM_MIXED), ("trtllm", PER_LAYER), ("sglang", PER_LAYER),
+@pytest.mark.parametrize("fmt, plan", [("vllm", RELEASED_VLLM), ("modelopt-hf", VLLM_MIXED), ("trtllm", PER_LAYER), ("sglang", PER_LAYER),
                                        ("llama.cpp", LLAMA_UNIFORM), ("ik-llama.cpp", ENDS)])
 def test_exporters_write_the_golden_files(fmt, plan, tmp_path):
     from kvtune.export import _version
@@ -107,3 +108,21 @@ def test_llama_cpp_5_bit_types(tmp_path):
     mixed = json.loads(export_plan(_plan("k[q5_0]v[q4_0]", *["k[q4_0]v[q4_0]"] * 5), "llama.cpp", tmp_path / "c.json",
                                    nearest=True).path.read_text())
     assert mixed["args"] == ["--cache-type-k", "q5_0", "--cache-type-v", "q4_0"]
+
+
+def test_released_vllm_takes_one_dtype_and_a_skipped_set(tmp_path):
+    with pytest.raises(PlanError, match="one --kv-cache-dtype.*fp8_e4m3.*nvfp4"):
+        export_plan(_plan("k16v16", "k[fp8_e4m3]v[fp8_e4m3]", "k[nvfp4]v[nvfp4]", *["k16v16"] * 3), "vllm", tmp_path / "a.json")
+    with pytest.raises(PlanError, match="layer 1: K4V4 is none of"):
+        export_plan(_plan("k16v16", "k4v4", *["k16v16"] * 4), "vllm", tmp_path / "b.json")
+    # --nearest: every quantized layer to the widest dtype the plan uses, so no layer loses bits.
+    result = export_plan(_plan("k16v16", "k[fp8_e4m3]v[fp8_e4m3]", "k[nvfp4]v[nvfp4]", "k4v4", "k16v16", "k[nvfp4]v[nvfp4]"),
+                         "vllm", tmp_path / "c.json", nearest=True)
+    written = json.loads(result.path.read_text())
+    assert written["vllm_args"] == ["--kv-cache-dtype", "fp8_e4m3", "--kv-cache-dtype-skip-layers", "0", "4"]
+    assert result.plan.pairs == ["K16V16", *["K[fp8_e4m3]V[fp8_e4m3]"] * 3, "K16V16", "K[fp8_e4m3]V[fp8_e4m3]"]
+    # Nothing quantized: vLLM's own cache, no skip list.
+    plain = json.loads(export_plan(_plan(*["k16v16"] * 6), "vllm", tmp_path / "d.json").path.read_text())
+    assert plain["vllm_args"] == ["--kv-cache-dtype", "auto"] and plain["skip_layers"] == []
+    scaled = export_plan(_plan(*["k[fp8]v[fp8]"] * 6), "vllm", tmp_path / "e.json")
+    assert any("scales from the checkpoint" in note for note in scaled.notes)

@@ -22,6 +22,26 @@ def test_fp8_rounds_to_e4m3_with_the_amax_scale():
     assert not torch.equal(per_head, formats.fp8_fake(y))
 
 
+def test_unit_scale_fp8_is_vllms_cache_without_checkpoint_scales():
+    # No amax scaling: small values keep only E4M3's subnormal step (2**-9), large ones saturate.
+    x = torch.tensor([1000.0, 1.0, -0.3, 0.001, 2**-10 * 1.5])
+    assert torch.equal(formats.fake_quantize(x, "fp8_e4m3"), torch.tensor([448.0, 1.0, -0.3125, 2**-9, 2**-9]))
+    assert torch.equal(formats.fake_quantize(x, "fp8_e5m2"), torch.tensor([1024.0, 1.0, -0.3125, 0.0009765625, 2**-10 * 1.5]))
+    y = torch.randn(2, 3, 40, 64)
+    halves = torch.cat([formats.fake_quantize(part, "fp8_e4m3") for part in y.chunk(2, dim=2)], dim=2)
+    assert torch.equal(halves, formats.fake_quantize(y, "fp8_e4m3"))  # no scale taken from the batch
+    assert not torch.equal(formats.fake_quantize(y * 1e-3, "fp8_e4m3"), formats.fp8_fake(y * 1e-3))  # the scale matters here
+    spec = QuantSpec.engine("fp8_e5m2")
+    assert (spec.bits, spec.mode, spec.nbytes(10, 64, 3)) == (8, "per-tensor", 10 * 64 * 3)
+
+
+def test_released_vllm_sets_pair_one_dtype_with_16_bit():
+    assert resolve_formats("vllm-fp8") == ["K16V16", "K[fp8_e4m3]V[fp8_e4m3]"]
+    assert resolve_formats("vllm-nvfp4") == ["K16V16", "K[nvfp4]V[nvfp4]"]
+    assert len(resolve_formats("vllm-released")) == 5
+    assert "K[fp8]V[nvfp4]" not in resolve_formats("vllm-layerwise")  # the layer-wise PRs refuse FP8-K/NVFP4-V
+
+
 def test_nvfp4_hand_computed_block_and_ties_to_even():
     block = torch.zeros(16)
     block[:4] = torch.tensor([6.0, 3.0, 1.4, -0.6])  # amax 6 → tensor scale 1/448, block scale 448 → step 1

