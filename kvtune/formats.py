@@ -29,6 +29,9 @@ Engines keep no full-precision window: every cached token is stored in the forma
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 E4M3_MAX = 448.0
@@ -70,13 +73,35 @@ def fp8_fake(x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
     return (codes.float() * scale).to(x.dtype)
 
 
-_UNIT_SCALE_FP8 = {"fp8_e4m3": (torch.float8_e4m3fn, E4M3_MAX), "fp8_e5m2": (torch.float8_e5m2, E5M2_MAX)}
+# torch dtype, largest finite value, mantissa bits, smallest normal value
+_UNIT_SCALE_FP8 = {"fp8_e4m3": (torch.float8_e4m3fn, E4M3_MAX, 3, 2.0**-6), "fp8_e5m2": (torch.float8_e5m2, E5M2_MAX, 2, 2.0**-14)}
+# How an engine build rounds into its unit-scale FP8 cache: to nearest even (vLLM's CUDA kernels,
+# torch), or toward zero (vLLM's CPU kernels: measured bit for bit against its cpu_attn_reshape_and_cache).
+FP8_ROUNDING = contextvars.ContextVar("FP8_ROUNDING", default="nearest")
+
+
+@contextlib.contextmanager
+def fp8_rounding(mode: str):
+    """Simulate the unit-scale FP8 formats with ``mode`` ("nearest" or "toward-zero") inside the block."""
+    if mode not in ("nearest", "toward-zero"):
+        raise ValueError(f"unknown FP8 rounding {mode!r}")
+    token = FP8_ROUNDING.set(mode)
+    try:
+        yield
+    finally:
+        FP8_ROUNDING.reset(token)
 
 
 def fp8_unit_fake(x: torch.Tensor, name: str) -> torch.Tensor:
-    """vLLM's FP8 cache with its default scale of 1.0: saturate, round to the nearest FP8 value."""
-    dtype, largest = _UNIT_SCALE_FP8[name]
-    return x.float().clamp(-largest, largest).to(dtype).float().to(x.dtype)
+    """vLLM's FP8 cache with its default scale of 1.0: saturate, round to an FP8 value."""
+    dtype, largest, mantissa, smallest_normal = _UNIT_SCALE_FP8[name]
+    y = x.float().clamp(-largest, largest)
+    if FP8_ROUNDING.get() == "toward-zero":
+        # Drop the float32 mantissa bits FP8 lacks; below the normal range, whole subnormal steps.
+        normal = (y.view(torch.int32) & ~((1 << (23 - mantissa)) - 1)).view(torch.float32)
+        step = smallest_normal * 2.0**-mantissa
+        y = torch.where(y.abs() < smallest_normal, torch.trunc(y / step) * step, normal)
+    return y.to(dtype).float().to(x.dtype)
 
 
 # ---- NVFP4 -------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ kvtune's install: each engine pins its own torch). Three things are checked and 
    engine's unquantized cache, on kvtune's held-out windows;
 3. kvtune's simulated perplexity for the same plan and windows, and the gap between the engine's
    quantization effect (plan − its own baseline) and kvtune's (plan − FP16), paired per window.
+   The simulation rounds as the engine build does where builds differ: vLLM's CPU kernels store
+   FP8 rounded toward zero, its CUDA kernels to nearest.
 
 The engines, and the driver each runs in its environment (a script importing only the engine):
 
@@ -33,7 +35,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,6 +104,7 @@ class EngineCheck:
     effect_gap_se: float
     tolerance: float
     agrees: bool
+    fp8_rounding: str  # how the simulation rounded the unit-scale FP8 formats, as the engine build does
     settings: dict
 
     def summary(self) -> str:
@@ -157,10 +159,11 @@ def vllm_cache_tokens(plan, shape, memory_bytes: int, block_size: int, dtype: st
     return memory_bytes // (per_token * block_size) * block_size
 
 
-def _vllm_runs(plan, payload: dict, settings: EngineSettings, model_dir: str, windows: list) -> tuple[dict, dict, dict]:
+def _vllm_requests(payload: dict, settings: EngineSettings, model_dir: str, windows: list) -> tuple[dict, dict]:
+    """(plan, baseline) requests: the export's LLM(...) kwargs, and vLLM's own cache."""
     base = {"model": model_dir, "dtype": settings.dtype, "max_model_len": settings.seq_len + 1,  # the prompt and one generated token
             "kv_cache_memory_bytes": settings.cache_memory_mib << 20, "windows": windows}
-    return {**base, "llm_kwargs": payload["vllm_llm_kwargs"]}, {**base, "llm_kwargs": {}}, {}
+    return {**base, "llm_kwargs": payload["vllm_llm_kwargs"]}, {**base, "llm_kwargs": {}}
 
 
 def _vllm_acceptance(plan, shape, result: dict, settings: EngineSettings) -> tuple[bool, dict]:
@@ -231,11 +234,10 @@ def _window_nll(logprobs: list[list[float]]) -> np.ndarray:
 
 def check_in_engine(plan_spec: str, settings: EngineSettings, out: str | Path, progress: bool = True) -> EngineCheck:
     """Run ``plan_spec``'s export in ``settings.engine`` and set the engine's perplexity beside kvtune's."""
-    from kvtune import files, inputs, models
+    from kvtune import files, formats, inputs, models
     from kvtune.data import load_windows
     from kvtune.export import export_plan
     from kvtune.perplexity import token_nll
-    from kvtune.plan import resolve_plan
 
     python, version = engine_python(settings.engine, settings.python)
     engine = ENGINES[settings.engine]
@@ -254,9 +256,10 @@ def check_in_engine(plan_spec: str, settings: EngineSettings, out: str | Path, p
     windows = load_windows(tokenizer, settings.split, settings.seq_len, settings.windows, settings.seed, settings.data, option="--windows")
     window_ids = windows.tolist()
 
-    work = Path(tempfile.mkdtemp(prefix="engine-", dir=out))
+    work = out / "runs"  # requests, results and the engine's logs, replaced by the next check in this folder
+    work.mkdir(exist_ok=True)
     if settings.engine == "vllm":
-        plan_request, base_request, _ = _vllm_runs(plan, payload, settings, models.resolve_model_path(settings.model), window_ids)
+        plan_request, base_request = _vllm_requests(payload, settings, models.resolve_model_path(settings.model), window_ids)
     else:
         gguf = settings.gguf or (str(models.default_gguf()) if models.canonical_name(settings.model) == DEFAULT_MODEL else None)
         if gguf is None:
@@ -277,7 +280,10 @@ def check_in_engine(plan_spec: str, settings: EngineSettings, out: str | Path, p
     if progress:
         print("kvtune: simulating the same plan on the same windows", file=sys.stderr)
     model, _ = models.load_model(settings.model)
-    sim_plan = token_nll(model, windows, plan, progress=progress).double().mean(dim=1).numpy()
+    # vLLM's CPU kernels round into FP8 toward zero, its CUDA kernels to nearest: simulate the build that ran.
+    rounding = "toward-zero" if plan_result.get("device") == "cpu" else "nearest"
+    with formats.fp8_rounding(rounding):
+        sim_plan = token_nll(model, windows, plan, progress=progress).double().mean(dim=1).numpy()
     sim_fp16 = token_nll(model, windows, None, progress=progress).double().mean(dim=1).numpy()
     engine_plan, engine_base = _window_nll(plan_result["logprobs"]), _window_nll(base_result["logprobs"])
     gap = (engine_plan - engine_base) - (sim_plan - sim_fp16)
@@ -288,7 +294,8 @@ def check_in_engine(plan_spec: str, settings: EngineSettings, out: str | Path, p
         ppl_engine_plan=math.exp(engine_plan.mean()), ppl_engine_baseline=math.exp(engine_base.mean()),
         ppl_kvtune_plan=math.exp(sim_plan.mean()), ppl_kvtune_fp16=math.exp(sim_fp16.mean()),
         effect_gap=float(gap.mean()), effect_gap_se=se, tolerance=settings.tolerance,
-        agrees=bool(abs(gap.mean()) <= settings.tolerance), settings={**asdict(settings), "python": python},
+        agrees=bool(abs(gap.mean()) <= settings.tolerance), fp8_rounding=rounding,
+        settings={**asdict(settings), "python": python},
     )
     files.write_text(out / RESULT_FILE, files.dumps(asdict(check)))
     return check

