@@ -89,6 +89,9 @@ def test_vllm_skip_list_round_trips_through_vllms_own_parser(tmp_path):
     parser = args_module.EngineArgs.add_cli_args(FlexibleArgumentParser())
     parsed = parser.parse_args(["--model", "m", "--kv-cache-dtype", "fp8", *written["vllm_args"]])
     assert [str(x) for x in parsed.kv_cache_dtype_skip_layers] == ["0", "5"]
+    released = json.loads(export_plan(RELEASED_VLLM, "vllm", tmp_path / "v.json").path.read_text())
+    parsed = parser.parse_args(["--model", "m", *released["vllm_args"]])
+    assert parsed.kv_cache_dtype == "fp8_e4m3" and [str(x) for x in parsed.kv_cache_dtype_skip_layers] == ["0", "5"]
 
 
 def test_ik_end_runs_of_the_base_type_get_no_flags(tmp_path):

