@@ -97,7 +97,7 @@ def test_export_command(tmp_path):
     rounded = runner.invoke(app, ["export", "--plan", "uniform:k4v2", "--format", "llama.cpp", "--nearest", "--out", str(tmp_path / "a.json")])
     assert rounded.exit_code == 0 and "rounded up to llama.cpp types" in rounded.output
     assert json.loads((tmp_path / "a.json").read_text())["args"] == ["--cache-type-k", "q4_1", "--cache-type-v", "q4_1"]
-    unknown = runner.invoke(app, ["export", "--plan", "fp16", "--format", "vllm", "--out", str(tmp_path / "b.json")])
+    unknown = runner.invoke(app, ["export", "--plan", "fp16", "--format", "tgi", "--out", str(tmp_path / "b.json")])
     assert unknown.exit_code == 2 and "unknown export format" in unknown.output
 
 
