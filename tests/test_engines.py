@@ -95,10 +95,11 @@ def test_vllm_takes_a_released_plan_and_agrees_with_the_simulation(tmp_path):
 @pytest.mark.skipif(not os.environ.get("KVTUNE_LLAMA_CPP_PYTHON"), reason="needs ik-llama-cpp-python in its own environment: "
                     "set KVTUNE_LLAMA_CPP_PYTHON")
 def test_ik_llama_cpp_takes_first_and_last_layer_types(tmp_path):
-    pairs = ["k[q8_0]v[q4_1]"] + ["k[q4_0]v[q4_1]"] * 28 + ["k16v[q4_1]"]
+    # 4-bit keys everywhere miss the tolerance on this model (README); one 4-bit end layer does not.
+    pairs = ["k16v[q4_1]"] + ["k[q8_0]v[q4_1]"] * 28 + ["k[q4_0]v[q4_1]"]
     plan = Plan(tuple(LayerPlan.from_pair(p) for p in pairs), name="ends")
     plan.save(tmp_path / "plan.json")
     check = check_in_engine(str(tmp_path / "plan.json"), EngineSettings(engine="ik-llama.cpp", windows=4), tmp_path / "out",
                             progress=False)
-    assert check.accepted and check.acceptance["layer_types_taken"]["K"][0] == "q8_0"
+    assert check.accepted and check.acceptance["layer_types_taken"]["K"][::29] == ["f16", "q4_0"]
     assert check.agrees

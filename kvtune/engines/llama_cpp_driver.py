@@ -41,7 +41,7 @@ def main(request_path: str, result_path: str) -> None:
     params.n_ctx = params.n_batch = request["n_ctx"]
     params.n_ubatch = request["n_ubatch"]  # this wheel's logits are wrong for n_ubatch >= 32
     params.n_threads = params.n_threads_batch = request["threads"]
-    params.flash_attn = True  # a quantized V cache needs flash attention
+    params.flash_attn = request.get("flash_attn", True)  # a quantized V cache needs flash attention
     params.logits_all = True
     params.type_k, params.type_v = GGML_TYPES[request["type_k"]], GGML_TYPES[request["type_v"]]
     for which in ("k_first", "k_last", "v_first", "v_last"):
