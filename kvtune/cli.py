@@ -83,6 +83,12 @@ def eval_command(
     tasks: str = typer.Option("analogy,needle,agreement", help="Accuracy tasks (analogy, needle, agreement); '' for PPL only."),
     items: int = typer.Option(24, min=1, help="Items per task."),
     needle_context: int = typer.Option(1536, min=64, help="Haystack tokens for the needle task."),
+    lm_eval: str = typer.Option("", "--lm-eval", help="lm-evaluation-harness tasks, comma-separated (kvtune_wiki: the offline "
+                                                     "kvtune_wiki_next and kvtune_wiki_needle; gsm8k, … where their data can be had)."),
+    lm_eval_limit: Optional[int] = typer.Option(None, min=1, help="lm-eval: items per task."),
+    lm_eval_fewshot: Optional[int] = typer.Option(None, min=0, help="lm-eval: few-shot examples."),
+    lm_eval_batch_size: int = typer.Option(1, min=1, help="lm-eval: batch size."),
+    lm_eval_include: Optional[str] = typer.Option(None, help="lm-eval: a folder of your own task YAMLs."),
     model: str = typer.Option("default"),
     data: str = typer.Option("enwiki"),
     seq_len: int = typer.Option(512, min=8),
@@ -101,7 +107,9 @@ def eval_command(
     plans = list(dict.fromkeys(_csv(baselines) + list(plan)))
     settings = EvalSettings(model=model, data=data, seq_len=seq_len, windows=windows, seed=seed, device=device, plans=plans,
                             dtype=dtype, device_map=device_map, max_memory=max_memory,
-                            tasks=_csv(tasks), task_items=items, needle_context=needle_context)
+                            tasks=_csv(tasks), task_items=items, needle_context=needle_context, lm_eval=_csv(lm_eval),
+                            lm_eval_limit=lm_eval_limit, lm_eval_fewshot=lm_eval_fewshot, lm_eval_batch_size=lm_eval_batch_size,
+                            lm_eval_include=lm_eval_include)
     table = evaluate_plans(settings, out=out, stem="eval", overwrite=overwrite)
     _print_table(table)
     typer.echo(f"\nwritten: {out}/eval.csv, eval.json, eval.png")

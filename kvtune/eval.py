@@ -49,6 +49,18 @@ class EvalSettings:
     needle_context: int = 1536  # tokens of haystack; SmolLM2 reads 8192
     agreement_prompt: int = 256
     agreement_tokens: int = 32
+    lm_eval: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks (kvtune.lmeval)
+    lm_eval_limit: int | None = None
+    lm_eval_fewshot: int | None = None
+    lm_eval_batch_size: int = 1
+    lm_eval_include: str | None = None  # a folder of the user's own lm-eval task YAMLs
+
+    def lm_eval_settings(self):
+        from kvtune.lmeval import LmEvalSettings
+
+        return LmEvalSettings(tasks=list(self.lm_eval), limit=self.lm_eval_limit, num_fewshot=self.lm_eval_fewshot,
+                              batch_size=self.lm_eval_batch_size, seed=self.seed, include_path=self.lm_eval_include,
+                              data=self.data, split=self.split)
 
 
 def _build_tasks(settings: EvalSettings, tokenizer) -> dict:
@@ -76,6 +88,10 @@ def check_settings(settings: EvalSettings, out: str | Path | None = None, stem: 
     if unknown:
         raise KvtuneError(f"unknown task(s) {unknown}; available: {list(tasks.TASKS)}")
     inputs.check_counts((("--seq-len", settings.seq_len, 1), ("--windows", settings.windows, 1), ("--items", settings.task_items, 1)))
+    if settings.lm_eval:
+        from kvtune.lmeval import require_lm_eval
+
+        require_lm_eval()
     if out is not None:
         inputs.check_out_dir(out, "eval" if stem == "eval" else "ppl", f"{stem}.json", settings, overwrite,
                              result_files=(f"{stem}.csv", f"{stem}.png"))
@@ -103,6 +119,11 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True, out: str | Pat
     for plan in plans:  # refuse a bad plan before spending time on the others
         plan.check_model(shape, settings.model)
     built = _build_tasks(settings, tokenizer)
+    if settings.lm_eval:
+        from kvtune import lmeval
+
+        lm_settings = settings.lm_eval_settings()
+        manager = lmeval.task_manager(tokenizer, lm_settings)
     fp_plan = Plan.uniform("k16v16", shape.num_layers)
     reference = None
     if "agreement" in built:
@@ -129,6 +150,8 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True, out: str | Pat
         if "agreement" in built:
             generated = tasks.generate(model, tokenizer, built["agreement"], new_cache, settings.agreement_tokens)
             row["fp16_agreement"] = tasks.agreement(reference, generated)
+        if settings.lm_eval:  # log-likelihoods through the simulated cache, generations through load_cache
+            row.update(lmeval.evaluate_plan(model, tokenizer, plan, lm_settings, manager))
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -164,6 +187,7 @@ def save_plot(table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = ["ppl"] + [c for c in ("analogy_acc", "needle_acc", "fp16_agreement") if c in table.columns]
+    metrics += [c for c in table.columns if c.startswith("lm-eval:") and c.rsplit(":", 1)[1] in ("acc", "exact_match", "acc_norm")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         ax.scatter(table["nominal_bits"], table[metric])
