@@ -1,0 +1,95 @@
+"""lm-evaluation-harness through the quantized cache (kvtune.lmeval). lm-eval is an optional extra:
+the tests that run it are skipped where it is missing (run them in a venv with kvtune[lm-eval])."""
+
+import importlib.util
+import json
+
+import pytest
+
+from kvtune import lmeval
+from kvtune.errors import KvtuneError
+
+HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed (pip install 'kvtune[lm-eval]')")
+
+
+def _heldout():
+    from kvtune.data import load_corpus
+
+    return [t for t in load_corpus(None)["heldout"]["text"] if t and t.strip()]
+
+
+def test_next_sentence_items_come_from_held_out_text():
+    documents = _heldout()
+    items = lmeval.next_sentence_items(documents, 30, seed=3)
+    assert items == lmeval.next_sentence_items(documents, 30, seed=3)  # a seed gives the same task
+    assert items != lmeval.next_sentence_items(documents, 30, seed=4)
+    text = "\n".join(documents)
+    for item in items:
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
+        truth = item["choices"][item["label"]]
+        # The context and its true continuation stand together in one held-out article.
+        assert any(item["context"] + " " + truth in " ".join(p.split()) for p in text.split("\n"))
+    with pytest.raises(KvtuneError, match="were asked for"):
+        lmeval.next_sentence_items(documents[:1], 10_000)
+
+
+@pytest.mark.skipif(HAS_LM_EVAL, reason="lm-eval is installed here")
+def test_missing_lm_eval_is_a_clear_message():
+    from kvtune.eval import EvalSettings, check_settings
+
+    with pytest.raises(KvtuneError, match=r"pip install 'kvtune\[lm-eval\]'"):
+        check_settings(EvalSettings(plans=["fp16"], lm_eval=["kvtune_wiki"]))
+
+
+@pytest.mark.slow
+def test_offline_task_folder_is_lm_eval_yaml_over_held_out_items(tmp_path, default_model):
+    _, tokenizer = default_model
+    settings = lmeval.LmEvalSettings(tasks=["kvtune_wiki"], next_items=12, needle_items=3, needle_context=256)
+    folder = lmeval.offline_task_dir(tokenizer, settings, home=tmp_path)
+    assert lmeval.offline_task_dir(tokenizer, settings, home=tmp_path) == folder  # built once
+    rows = [json.loads(line) for line in (folder / "kvtune_wiki_needle.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["answer"].split()) == 4 for r in rows)
+    yaml = (folder / "kvtune_wiki_next.yaml").read_text()
+    assert "output_type: multiple_choice" in yaml and str(folder / "kvtune_wiki_next.jsonl") in yaml
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_quantization_reaches_both_request_kinds(monkeypatch, default_model):
+    from kvtune import cache as cache_module
+    from kvtune.plan import Plan
+
+    model, tokenizer = default_model
+    settings = lmeval.LmEvalSettings(tasks=["kvtune_wiki_next", "kvtune_wiki_needle"], limit=3)
+    manager = lmeval.task_manager(tokenizer, settings)
+    updates = {"n": 0}
+    real_load = cache_module.load_cache
+
+    def counted_load(*args, **kwargs):  # every cache generation uses, with its update() calls counted
+        cache = real_load(*args, **kwargs)
+        real_update = cache.update
+
+        def update(*a, **k):
+            updates["n"] += 1
+            return real_update(*a, **k)
+
+        cache.update = update
+        return cache
+
+    monkeypatch.setattr(cache_module, "load_cache", counted_load)
+    runs = {}
+    for name, plan in (("fp", None), ("k16v16", Plan.uniform("k16v16", 30)), ("k2v2", Plan.uniform("k2v2", 30))):
+        lm = lmeval.plan_lm(model, tokenizer, plan)
+        result = lmeval.run_tasks(lm, manager, settings, log_samples=True)
+        runs[name] = (result, type(lm).generate_calls)
+
+    def logliks(name):
+        return [r[0][0] for s in runs[name][0]["samples"]["kvtune_wiki_next"] for r in s["resps"]]
+
+    assert logliks("k16v16") == logliks("fp")  # the 16-bit plan reproduces FP16 exactly
+    assert logliks("k2v2") != logliks("fp")  # 2-bit K/V reach the log-likelihood requests
+    # Generation: one quantized cache per needle request, and its layers were updated while decoding.
+    assert runs["k2v2"][1] == 3 and runs["fp"][1] == 0
+    assert updates["n"] >= 2 * 3 * 30  # prefill and at least one decode step, every layer, both plans
+    assert lmeval.scores(runs["fp"][0])["lm-eval:kvtune_wiki_needle:exact_match"] >= 0
