@@ -285,6 +285,8 @@ def search(
     verify: int = typer.Option(3, min=0, help="Best predicted plans to measure on verification text (0: pick by prediction)."),
     verify_windows: int = typer.Option(16, min=1, help="At most this many verification windows; the race stops once one plan is clearly best."),
     verify_uniform: bool = typer.Option(True, help="Also measure the uniform plans that fit the budget; the best measured plan wins."),
+    verify_metric: str = typer.Option("nll", help="What decides the race: nll (verification text) or lm-eval:TASK (a task's score per "
+                                                  "item, e.g. lm-eval:kvtune_wiki_next; --verify-windows then counts items)."),
     formats: str = typer.Option("", help="Search only these profiled candidates: int+g, int, int+, vllm, llama.cpp, llama.cpp+, engine, all, or a list (default: every profiled candidate)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
@@ -299,7 +301,7 @@ def search(
 
     settings = SearchSettings(profile=str(profile), budget=budget, batch=batch, context=context, groups=groups,
                               generations=generations, pop_size=pop_size, verify=verify, verify_windows=verify_windows,
-                              verify_uniform=verify_uniform, formats=formats or None, seed=seed, device=device,
+                              verify_uniform=verify_uniform, verify_metric=verify_metric, formats=formats or None, seed=seed, device=device,
                               dtype=dtype, device_map=device_map, max_memory=max_memory)
     _report_search(run_search(settings, out, overwrite=overwrite), out)
 

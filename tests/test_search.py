@@ -135,6 +135,9 @@ def test_impossible_and_bad_budgets_write_nothing(tmp_path):
         run_search(SearchSettings(profile=str(profile), budget="3.25", verify=0), tmp_path / "o", progress=False)
     with pytest.raises(ProfileError, match="no profile at"):
         run_search(SearchSettings(profile=str(tmp_path / "none"), budget="3bits", verify=0), tmp_path / "o", progress=False)
+    with pytest.raises(BudgetError, match="--verify-metric 'accuracy'.*lm-eval:TASK"):
+        run_search(SearchSettings(profile=str(profile), budget="3bits", verify=0, verify_metric="accuracy"), tmp_path / "o",
+                   progress=False)
     assert not (tmp_path / "o").exists()
 
 

@@ -66,3 +66,18 @@ def test_paired_gap():
 def test_bad_race_is_an_error():
     with pytest.raises(ValueError):
         race(lambda i, s: [], 0, 4, 4)
+
+
+def test_zero_one_scores_need_more_than_a_few_discordant_items():
+    # Errors (1 − score) on 8 items: the candidate misses 3 the leader gets, and they agree on the rest.
+    # As plain numbers that is 2.05 standard errors behind; a sign test says p = 0.125, so with the
+    # pseudo-item on each side it stays in the race.
+    leader = np.zeros(8)
+    candidate = np.array([1, 1, 1, 0, 0, 0, 0, 0], dtype=float)
+    gap, se = paired_gap(candidate, leader)
+    assert gap > 2 * se
+    gap, se = paired_gap(candidate, leader, binary=True)
+    assert gap == 0.375 and gap < 2 * se
+    scores = np.stack([leader, candidate])
+    result = race(lambda i, part: scores[i, part], 2, 8, 8, z=2.0, binary=True)
+    assert np.isfinite(result.nll).all() and result.winner == 0

@@ -56,6 +56,10 @@ class SearchSettings:
     verify_round: int = 4  # windows per round of the race
     verify_z: float = 2.0  # standard errors behind the leader at which a plan drops out
     verify_seq_len: int = 512
+    # What the race compares: "nll" (per-window NLL on verification text) or "lm-eval:TASK" (per-item
+    # error, 1 − the task's score, of an lm-evaluation-harness task; kvtune_wiki_* built from the
+    # verification split). With a task, --verify-windows counts items.
+    verify_metric: str = "nll"
     model: str | None = None  # default: the profile's
     data: str | None = None  # default: the profile's
     dtype: str | None = None  # default: the profile's
@@ -189,6 +193,12 @@ def check_settings(settings: SearchSettings, out: str | Path, overwrite: bool = 
         profile.check_model(shape, model)
     if settings.verify:
         check_data(settings.data or profile.meta["settings"]["data"])
+    if settings.verify_metric != "nll":
+        if not settings.verify_metric.startswith("lm-eval:") or not settings.verify_metric[len("lm-eval:"):].strip():
+            raise BudgetError(f"--verify-metric {settings.verify_metric!r}: give 'nll' or 'lm-eval:TASK' (e.g. lm-eval:kvtune_wiki_next)")
+        from kvtune.lmeval import require_lm_eval
+
+        require_lm_eval()
     inputs.check_out_dir(out, "search", META_FILE, settings, overwrite, result_files=(FRONT_FILE, PLAN_FILE, PLOT_FILE))
     return budget, profile
 
@@ -338,6 +348,8 @@ def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progr
         raise DataError(f"verification: {e}; lower --verify-windows") from None
     # Rounds in random order: consecutive windows often come from one article.
     windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(settings.seed))]
+    if settings.verify_metric != "nll":
+        return _verify_by_task(model, tokenizer, settings, plans, progress, meta_settings)
     bar = tqdm(total=len(plans) * len(windows), desc="search: verify (plan x window)", disable=not progress, leave=False)
 
     def measure(i: int, part: slice) -> list[float]:
@@ -345,6 +357,38 @@ def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progr
 
     result = race(measure, len(plans), len(windows), settings.verify_round, settings.verify_z,
                   on_measure=bar.update)
+    bar.close()
+    return result
+
+
+def _verify_by_task(model, tokenizer, settings: SearchSettings, plans: list[Plan], progress: bool, meta_settings: dict) -> RaceResult:
+    """The race on an lm-eval task's items: each plan's per-item error (1 − score), paired by item.
+    0/1 scores tie on most items, so the race judges them with a pseudo-count (kvtune.search.verify)."""
+    import numpy as np
+
+    from kvtune import lmeval
+
+    task = settings.verify_metric[len("lm-eval:"):].strip()
+    lm_settings = lmeval.LmEvalSettings(tasks=[task], seed=settings.seed, split="verification",
+                                        data=settings.data or meta_settings["data"],
+                                        next_items=max(settings.verify_windows, 200), needle_items=max(settings.verify_windows, 40))
+    manager = lmeval.task_manager(tokenizer, lm_settings)
+    items = np.random.default_rng(settings.seed).permutation(settings.verify_windows).tolist()
+    bar = tqdm(total=len(plans) * len(items), desc=f"search: verify on {task} (plan x item)", disable=not progress, leave=False)
+
+    def measure(i: int, part: slice) -> list[float]:
+        wanted = items[part]
+        result = lmeval.run_tasks(lmeval.plan_lm(model, tokenizer, plans[i]), manager, lm_settings,
+                                  samples={task: wanted}, log_samples=True)
+        if task not in result.get("samples", {}):
+            raise ModelError(f"--verify-metric lm-eval:{task}: lm-eval returned no per-item results for {task} "
+                             "(give one task, not a group)")
+        rows = {row["doc_id"]: row for row in result["samples"][task]}
+        metric = rows[wanted[0]]["metrics"][0]  # the task's first metric: acc, exact_match, …
+        return [1.0 - float(rows[d][metric]) for d in wanted]
+
+    result = race(measure, len(plans), len(items), max(settings.verify_round, 8), settings.verify_z, on_measure=bar.update,
+                  binary=True)
     bar.close()
     return result
 

@@ -30,10 +30,16 @@ class RaceResult:
         return np.isfinite(self.nll).sum(axis=1)
 
 
-def paired_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean of ``a - b`` over windows and its standard error (0 for a single window)."""
+def paired_gap(a: np.ndarray, b: np.ndarray, binary: bool = False) -> tuple[float, float]:
+    """Mean of ``a - b`` over windows and its standard error (0 for a single window).
+
+    ``binary``: 0/1 scores (task items). Two plans agree on most items, and a few agreeing items
+    give a standard error of 0, so one lucky item would decide; the error is then taken with one
+    pseudo-item won by each side (a continuity correction), never below what two discordant items give.
+    """
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+    spread = np.concatenate([d, [1.0, -1.0]]) if binary else d
+    se = spread.std(ddof=1) / np.sqrt(len(d)) if len(spread) > 1 else 0.0
     return float(d.mean()), float(se)
 
 
@@ -44,6 +50,7 @@ def race(
     round_size: int,
     z: float = 2.0,
     on_measure: Callable[[int], None] | None = None,
+    binary: bool = False,
 ) -> RaceResult:
     """``measure(i, windows)`` gives candidate ``i``'s mean NLL on each window of the slice."""
     if candidates < 1 or windows < 1 or round_size < 1:
@@ -60,12 +67,12 @@ def race(
         leader = alive[int(np.argmin(seen.mean(axis=1)))]
         # One window gives no spread to judge by: nobody drops out until there are two.
         if stop > 1:
-            alive = [i for i in alive if i == leader or _not_behind(nll[i, :stop], nll[leader, :stop], z)]
+            alive = [i for i in alive if i == leader or _not_behind(nll[i, :stop], nll[leader, :stop], z, binary)]
         if len(alive) == 1:
             break
     return RaceResult(nll, leader)
 
 
-def _not_behind(candidate: np.ndarray, leader: np.ndarray, z: float) -> bool:
-    gap, se = paired_gap(candidate, leader)
+def _not_behind(candidate: np.ndarray, leader: np.ndarray, z: float, binary: bool = False) -> bool:
+    gap, se = paired_gap(candidate, leader, binary)
     return gap <= z * se
