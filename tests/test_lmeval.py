@@ -93,3 +93,22 @@ def test_quantization_reaches_both_request_kinds(monkeypatch, default_model):
     assert runs["k2v2"][1] == 3 and runs["fp"][1] == 0
     assert updates["n"] >= 2 * 3 * 30  # prefill and at least one decode step, every layer, both plans
     assert lmeval.scores(runs["fp"][0])["lm-eval:kvtune_wiki_needle:exact_match"] >= 0
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_a_task_score_decides_the_race(tiny_model_dir, tmp_path):
+    from kvtune.profiling import run_profile
+    from kvtune.search import SearchSettings, run_search
+    from tests.test_profile import _settings
+
+    run_profile(_settings(tiny_model_dir), tmp_path / "p", progress=False)
+    settings = SearchSettings(profile=str(tmp_path / "p"), budget="5bits", groups=2, verify=2, verify_windows=8,
+                              verify_metric="lm-eval:kvtune_wiki_next")
+    result = run_search(settings, tmp_path / "s", progress=False)
+    verified = result.front.dropna(subset=["verified_nll"])
+    assert len(verified) >= 2 and (verified["verified_windows"] == 8).all()
+    # Errors of 8 items of 0/1 scores: multiples of 1/8 between 0 and 1.
+    errors = verified["verified_nll"].to_numpy() * 8
+    assert ((errors >= 0) & (errors <= 8) & (abs(errors - errors.round()) < 1e-9)).all()
+    assert result.meta["settings"]["verify_metric"] == "lm-eval:kvtune_wiki_next"
