@@ -103,14 +103,17 @@ def needle_task_items(tokenizer, documents: list[str], n: int, context_tokens: i
     return [{"prompt": it.prompt, "answer": it.answer} for it in tasks.needle_items(tokenizer, documents, n, context_tokens, seed)]
 
 
-_NEXT_YAML = """task: kvtune_wiki_next
+# Every offline task: its name, the tag, and its JSONL as lm-eval's local "json" dataset.
+_HEADER = """task: {task}
 tag: kvtune_wiki
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
-output_type: multiple_choice
+"""
+
+_NEXT_YAML = """output_type: multiple_choice
 doc_to_text: "{{{{context}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: label
@@ -126,14 +129,7 @@ metadata:
   version: {version}
 """
 
-_NEEDLE_YAML = """task: kvtune_wiki_needle
-tag: kvtune_wiki
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
+_NEEDLE_YAML = """output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
@@ -179,7 +175,8 @@ def offline_task_dir(tokenizer, settings: LmEvalSettings, home: Path | None = No
     for name, yaml in (("kvtune_wiki_next", _NEXT_YAML), ("kvtune_wiki_needle", _NEEDLE_YAML)):
         data = folder / f"{name}.jsonl"
         files.write_text(data, "".join(json.dumps(item) + "\n" for item in built[name]))
-        files.write_text(folder / f"{name}.yaml", yaml.format(data=json.dumps(str(data)), version=TASKS_VERSION))
+        header = _HEADER.format(task=name, data=json.dumps(str(data)))
+        files.write_text(folder / f"{name}.yaml", header + yaml.format(version=TASKS_VERSION))
     return folder
 
 
