@@ -44,9 +44,9 @@ def main(windows: int = 32) -> None:
         if (ROOT / source).is_file():
             shutil.copyfile(ROOT / source, PLANS / name)
     rows = []
-    for title, engine, plan, nearest in ROWS:
-        out = ROOT / "outputs" / "engine-check" / title.split(":")[0].replace(" ", "-").replace(".", "")
-        check = check_in_engine(plan, EngineSettings(engine=engine, windows=windows, nearest=nearest), out / engine)
+    for row, (title, engine, plan, nearest) in enumerate(ROWS):
+        out = ROOT / "outputs" / "engine-check" / f"{row}-{engine}"  # the export, the engine's logs, engine-check.json
+        check = check_in_engine(plan, EngineSettings(engine=engine, windows=windows, nearest=nearest), out)
         print(check.summary(), flush=True)
         rows.append({"row": title, "plan": str(Path(plan).relative_to(ROOT)) if plan.startswith(str(ROOT)) else plan,
                      **{k: v for k, v in asdict(check).items() if k != "plan"}})
