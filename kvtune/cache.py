@@ -4,7 +4,9 @@ Each layer keeps, for K and for V separately, a quantized prefix (packed codes +
 and a full-precision tail. After every update the oldest ``QuantSpec.quantized_tokens(T, residual)``
 tokens are quantized, the rest wait in the tail (KIVI's residual window). Tokens passed in the
 current forward call are attended in full precision by that same call, as a real kernel does with
-freshly computed K/V; they are read back quantized from the next call on.
+freshly computed K/V; they are read back quantized from the next call on. Engine formats are the
+exception (:attr:`~kvtune.quant.QuantSpec.reads_itself`): engines store first and attend over the
+store, so there a call reads its own tokens rounded too.
 
 Two ways to read it:
 
@@ -154,7 +156,10 @@ class _Stream:
         return self.read(new)
 
     def read(self, new: torch.Tensor) -> torch.Tensor:
-        """Every cached token, dequantized, with the ``new`` ones of this call unrounded."""
+        """Every cached token, dequantized, with the ``new`` ones of this call unrounded (engine
+        formats: rounded, as the engine stores before it attends)."""
+        if self._engine is not None:
+            return self._engine.view
         if self.num_quantized + self.num_tail == new.shape[-2]:
             return new  # a prefill into an empty cache attends to exactly its own tokens
         quantized = self.quantized

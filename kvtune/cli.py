@@ -227,7 +227,7 @@ def _csv(text: str) -> list[str]:
 def profile(
     model: str = typer.Option("default", help="Model to profile (see `kvtune ppl --help`)."),
     data: str = typer.Option("enwiki", help="Calibration text (see `kvtune ppl --help`)."),
-    formats: str = typer.Option("int+g", "--formats", "--pairs", help="Candidates: int+g (default: int+ and its pairs of 4 bits or less in groups of 64), int (8 pairs of 16/8/4/2 bits), int+ (with 3-bit K and V), vllm, llama.cpp, llama.cpp+ (with q5_0/q5_1), engine, all, or a list like k8v4,k2v2g64,k3v3r128,k[fp8]v[nvfp4] (g: group size, r: full-precision window)."),
+    formats: str = typer.Option("int+g", "--formats", "--pairs", help="Candidates: int+g (default: int+ and its pairs of 4 bits or less in groups of 64), int (8 pairs of 16/8/4/2 bits), int+ (with 3-bit K and V), vllm, vllm-layerwise, vllm-released (every released-vLLM dtype; or one: vllm-fp8, vllm-fp8_e5m2, vllm-fp8-scaled, vllm-nvfp4, vllm-int8_per_token_head, vllm-fp8_per_token_head, vllm-int4_per_token_head), llama.cpp, llama.cpp+ (with q5_0/q5_1), engine, all, or a list like k8v4,k2v2g64,k3v3r128,k[fp8]v[nvfp4] (g: group size, r: full-precision window)."),
     max_tokens: int = typer.Option(512, min=16, help="Tokens per calibration window."),
     windows: int = typer.Option(8, min=1, help="Calibration windows (more: slower, less noisy)."),
     batch_size: int = typer.Option(2, min=1),
@@ -287,7 +287,11 @@ def search(
     verify_uniform: bool = typer.Option(True, help="Also measure the uniform plans that fit the budget; the best measured plan wins."),
     verify_metric: str = typer.Option("nll", help="What decides the race: nll (verification text) or lm-eval:TASK (a task's score per "
                                                   "item, e.g. lm-eval:kvtune_wiki_next; --verify-windows then counts items)."),
-    formats: str = typer.Option("", help="Search only these profiled candidates: int+g, int, int+, vllm, llama.cpp, llama.cpp+, engine, all, or a list (default: every profiled candidate)."),
+    formats: str = typer.Option("", help="Search only these profiled candidates: int+g, int, int+, vllm, vllm-layerwise, vllm-released or one released-vLLM dtype (vllm-fp8, vllm-fp8_e5m2, vllm-fp8-scaled, vllm-nvfp4, vllm-int8_per_token_head, vllm-fp8_per_token_head, vllm-int4_per_token_head), llama.cpp, llama.cpp+, engine, all, or a list (default: every profiled candidate)."),
+    target: Optional[str] = typer.Option(None, help="Keep to plans this engine runs: kvtune (any candidate per layer), vllm (one "
+                                                    "--kv-cache-dtype + skipped layers, its forced skips held), llama.cpp (one K and "
+                                                    "one V type), ik-llama.cpp (first/middle/last runs of layers). Default: vllm for "
+                                                    "the vllm-<dtype>/vllm-released sets, else kvtune."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     dtype: Optional[str] = _DTYPE,
@@ -301,8 +305,8 @@ def search(
 
     settings = SearchSettings(profile=str(profile), budget=budget, batch=batch, context=context, groups=groups,
                               generations=generations, pop_size=pop_size, verify=verify, verify_windows=verify_windows,
-                              verify_uniform=verify_uniform, verify_metric=verify_metric, formats=formats or None, seed=seed, device=device,
-                              dtype=dtype, device_map=device_map, max_memory=max_memory)
+                              verify_uniform=verify_uniform, verify_metric=verify_metric, formats=formats or None, target=target, seed=seed,
+                              device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     _report_search(run_search(settings, out, overwrite=overwrite), out)
 
 
@@ -310,12 +314,20 @@ def _report_search(result, out: Path) -> None:
     meta, plan = result.meta, result.plan
     for note in meta.get("notes", []):
         typer.echo(f"note: {note}")
-    space = meta["space"]
-    typer.echo(f"space: 10^{space['log10_full']:.1f} plans, 10^{space['log10_after_pruning']:.1f} after pruning, "
-               f"10^{space['log10_after_clustering']:.1f} after clustering into {len(space['groups'])} groups")
+    for space in meta["space"].get("spaces", [meta["space"]]):
+        label = f"space {space['name']}" if space.get("name") not in (None, "kvtune") else "space"
+        if "enumerated_plans" in space:
+            typer.echo(f"{label}: every plan {meta['target']} can run enumerated; {space['enumerated_plans']} on the exact front")
+        elif "skipped" in space:
+            typer.echo(f"{label}: {space['skipped']}")
+        else:
+            fixed = f", layers {space['fixed_layers']} held 16-bit by the engine" if space.get("fixed_layers") else ""
+            typer.echo(f"{label}: 10^{space['log10_full']:.1f} plans, 10^{space['log10_after_pruning']:.1f} after pruning, "
+                       f"10^{space['log10_after_clustering']:.1f} after clustering into {len(space['groups'])} groups{fixed}")
     check = meta["exact_check"]
-    typer.echo(f"NSGA-II: {meta['front_size']} plans on the front in {meta['nsga2_seconds']:.1f} s; largest gap to the "
-               f"exact optimum over {len(check['budgets'])} budgets: {check['max_gap']:.2%} (tolerance {check['tolerance']:.0%})")
+    if check["max_gap"] is not None:
+        typer.echo(f"NSGA-II: {meta['front_size']} plans on the front in {meta['nsga2_seconds']:.1f} s; largest gap to the "
+                   f"exact optimum over {len(check['budgets'])} budgets: {check['max_gap']:.2%} (tolerance {check['tolerance']:.0%})")
     md = plan.metadata
     typer.echo(f"chosen: {md['nominal_bits']:.3f} nominal bits, {md['cache_bytes'] / 2**20:.1f} MiB at {md['context']} tokens "
                f"({md['effective_bits']:.2f} effective bits), pairs {sorted(set(plan.pairs))}")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvtune.errors import PlanError
+from kvtune.formats import VLLM_DTYPES, vllm_forced_skips
 from kvtune.plan import Label, LayerPlan, ModelShape, Plan, label_of, pair_name
 from kvtune.quant import QuantSpec
 
@@ -52,15 +53,20 @@ _LLAMA_CPP_FROM_INT = {16: 16, 8: "q8_0", 5: "q5_1", 4: "q4_1"}
 # Per-layer options of the engines that take one setting per layer: name → (K label, V label).
 _MODELOPT = {"NVFP4": ("nvfp4", "nvfp4"), "FP8_K_NVFP4_V": ("fp8", "nvfp4"), "FP8": ("fp8", "fp8"), None: (16, 16)}
 _TRTLLM = {"nvfp4": ("nvfp4", "nvfp4"), "fp8": ("fp8", "fp8"), "auto": (16, 16)}
-# Released vLLM's --kv-cache-dtype for each kvtune format it stores (vLLM 0.32's CacheDType), and
-# why the numbers may differ from kvtune's model of it.
-_VLLM_DTYPES = {
+# Why released vLLM's numbers may differ from kvtune's model of each --kv-cache-dtype (the dtypes
+# and their K/V formats are kvtune.formats.VLLM_DTYPES).
+_PER_TOKEN_HEAD_NOTE = ("one fp32 scale per token and KV head, computed as each token is stored (no calibration); "
+                        "vLLM runs it with the Triton attention backend (GPUs), not on its CPU backend")
+_VLLM_NOTES = {
     "fp8": "per-tensor scales from the checkpoint (ModelOpt's k_scale/v_scale); a checkpoint without them runs "
            "at scale 1.0, which kvtune models as fp8_e4m3",
     "fp8_e4m3": "kvtune modelled vLLM's default scale of 1.0 (a checkpoint without KV scales); scales in the "
                 "checkpoint would be used instead",
     "fp8_e5m2": "kvtune modelled vLLM's default scale of 1.0 (a checkpoint without KV scales)",
     "nvfp4": "NVFP4 KV cache runs on NVIDIA Blackwell GPUs only; per-tensor scales from the checkpoint",
+    "int8_per_token_head": _PER_TOKEN_HEAD_NOTE,
+    "fp8_per_token_head": _PER_TOKEN_HEAD_NOTE,
+    "int4_per_token_head": _PER_TOKEN_HEAD_NOTE + "; K and V randomized-Hadamard-rotated before 4-bit rounding",
 }
 # SGLang's released --kv-cache-dtype names (0.5.23: auto, fp8_e5m2, fp8_e4m3, mxfp8, bf16, nvfp4, fp4_mx_block16).
 _SGLANG = {"nvfp4": ("nvfp4", "nvfp4"), "fp8_e4m3": ("fp8", "fp8"), "bf16": (16, 16)}
@@ -160,7 +166,7 @@ def _per_layer(plan: Plan, options: dict, target: str, nearest: bool) -> tuple[l
 
 def _released_vllm(plan: Plan, nearest: bool) -> tuple[dict, Plan, list[str]]:
     """One vLLM cache dtype for every layer but a skipped set kept 16-bit: released vLLM's whole choice."""
-    options = {**{dtype: (dtype, dtype) for dtype in _VLLM_DTYPES}, None: (16, 16)}
+    options = {**VLLM_DTYPES, None: (16, 16)}
     names, rounded, notes = _per_layer(plan, options, "released vLLM", nearest)
     dtypes = list(dict.fromkeys(name for name in names if name is not None))
     if len(dtypes) > 1:
@@ -169,21 +175,36 @@ def _released_vllm(plan: Plan, nearest: bool) -> tuple[dict, Plan, list[str]]:
             raise PlanError(f"released vLLM takes one --kv-cache-dtype, but the plan stores layers as {dtypes} (first at layers "
                             f"{list(first.values())}); search with one of the vllm-fp8 / vllm-nvfp4 format sets, or use "
                             "--nearest to move every quantized layer to the widest of them")
-        dtype = max(dtypes, key=lambda d: (_bits(d), names.count(d)))  # widest: no layer loses bits
+        widest = lambda d: (sum(map(_bits, VLLM_DTYPES[d])), names.count(d))  # noqa: E731
+        dtype = max(dtypes, key=widest)  # no layer loses bits
         names = [dtype if name is not None else None for name in names]
-        rounded = Plan(tuple(layer if name is None else _layer_of(dtype, dtype, layer) for name, layer in zip(names, rounded.layers)),
+        rounded = Plan(tuple(layer if name is None else _layer_of(*VLLM_DTYPES[dtype], layer) for name, layer in zip(names, rounded.layers)),
                        name=plan.name, shape=plan.shape)
         notes.append(f"rounded up: every quantized layer to {dtype} (released vLLM takes one --kv-cache-dtype)")
-    skipped = [i for i, name in enumerate(names) if name is None]
     dtype = next((name for name in names if name is not None), "auto")  # "auto": every layer skipped
+    shape = plan.shape or ModelShape(len(plan), 1, 1)
+    forced = vllm_forced_skips(dtype, shape.model_layer(len(plan) - 1) + 1, shape.layer_ids is not None)
+    clash = [i for i, name in enumerate(names) if name is not None and shape.model_layer(i) in forced]
+    if clash:
+        if not nearest:
+            raise PlanError(f"vLLM keeps layers {forced} unquantized for {dtype} whatever the skip list says, but the plan "
+                            f"quantizes layers {[shape.model_layer(i) for i in clash]}; search with --target vllm (or a "
+                            f"vllm-{dtype} set), or use --nearest to keep them 16-bit")
+        names = [None if i in clash else name for i, name in enumerate(names)]
+        rounded = Plan(tuple(LayerPlan(QuantSpec(16), QuantSpec(16), layer.residual) if i in clash else layer
+                             for i, layer in enumerate(rounded.layers)), name=plan.name, shape=plan.shape)
+        notes.append(f"layers {[shape.model_layer(i) for i in clash]} kept 16-bit: vLLM always skips {forced} for {dtype}")
+    # vLLM names layers by their model index (the number in the module's name).
+    skipped = [shape.model_layer(i) for i, name in enumerate(names) if name is None]
     args, kwargs = ["--kv-cache-dtype", dtype], {"kv_cache_dtype": dtype}
     if dtype != "auto" and skipped:
         # Separate values ("0 5"): vLLM's parser reads "0,5" as one string and the layers stay quantized.
         args += ["--kv-cache-dtype-skip-layers", *map(str, skipped)]
         kwargs["kv_cache_dtype_skip_layers"] = [str(i) for i in skipped]
-        notes.append(f"{len(skipped)} of {len(names)} layers stay 16-bit: {skipped}")
+        notes.append(f"{len(skipped)} of {len(names)} layers stay 16-bit: {skipped}"
+                     + (f" (vLLM would keep {forced} unquantized for {dtype} anyway)" if forced else ""))
     if dtype != "auto":
-        notes.append(f"{dtype}: {_VLLM_DTYPES[dtype]}")
+        notes.append(f"{dtype}: {_VLLM_NOTES[dtype]}")
     payload = {"vllm_args": args, "vllm_llm_kwargs": kwargs, "kv_cache_dtype": dtype, "skip_layers": skipped if dtype != "auto" else []}
     return payload, rounded, notes
 

@@ -14,6 +14,13 @@ format      stored as                                                  nominal b
 ``q4_1``    llama.cpp: 4-bit in blocks of 32, fp16 scale and minimum    4             5
 ``q5_0``    llama.cpp: 5-bit in blocks of 32, fp16 scale (symmetric)    5             5.5
 ``q5_1``    llama.cpp: 5-bit in blocks of 32, fp16 scale and minimum    5             6
+``int8_per_token_head``  vLLM: int8, one fp32 absmax scale per token    8             8 + 32 / head_dim
+            and KV head
+``fp8_per_token_head``   vLLM: E4M3, one fp32 absmax scale per token    8             8 + 32 / head_dim
+            and KV head
+``int4_per_token_head``  vLLM: randomized-Hadamard-rotated 4-bit        4             4 + 32 / head_dim
+            asymmetric codes, one fp32 scale per token and KV head with
+            the 4-bit zero point in its low mantissa bits
 ==========  =========================================================  ============  ==============
 
 Each format is one function ``quantize(x) -> (codes, scales…)`` and one ``dequantize``; the
@@ -25,6 +32,11 @@ Released vLLM reads that constant from the checkpoint (ModelOpt writes it) and u
 checkpoint has none: ``fp8_e4m3`` and ``fp8_e5m2`` are those unit-scale caches, values saturated
 at the format's largest finite value and rounded to nearest even as vLLM's conversion does.
 Engines keep no full-precision window: every cached token is stored in the format.
+
+vLLM's ``*_per_token_head`` caches follow its Triton store kernels step for step
+(``triton_reshape_and_cache_flash.py``, ``int4_per_token_head.py``): float32 arithmetic, the
+scale ``max(amax / QMAX, 1e-6)``, multiplication by its reciprocal, halves rounded away from zero.
+Each token's scale comes from that token alone, so they are causal and batch-independent as stored.
 """
 
 from __future__ import annotations
@@ -39,8 +51,12 @@ E5M2_MAX = 57344.0
 E2M1_MAX = 6.0
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
-ENGINE_FORMATS = {"fp8": 8, "fp8_e4m3": 8, "fp8_e5m2": 8, "nvfp4": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}  # name -> nominal bits
-BLOCK = {"fp8": None, "fp8_e4m3": None, "fp8_e5m2": None, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32}
+# vLLM's caches with one fp32 scale per (token, KV head), stored beside the codes.
+PER_TOKEN_HEAD = {"int8_per_token_head": 8, "fp8_per_token_head": 8, "int4_per_token_head": 4}
+ENGINE_FORMATS = {"fp8": 8, "fp8_e4m3": 8, "fp8_e5m2": 8, "nvfp4": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5,
+                  **PER_TOKEN_HEAD}  # name -> nominal bits
+BLOCK = {"fp8": None, "fp8_e4m3": None, "fp8_e5m2": None, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32,
+         **{name: None for name in PER_TOKEN_HEAD}}
 
 
 def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -209,6 +225,98 @@ _BLOCK_CODECS = {"q8_0": (q8_0_quantize, q8_0_dequantize), "q4_0": (q4_0_quantiz
 _BLOCK_BYTES = {"q8_0": (8, 2), "q4_0": (4, 2), "q4_1": (4, 4), "q5_0": (5, 2), "q5_1": (5, 4)}
 
 
+# ---- vLLM per-token-head formats -----------------------------------------------------------------
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """``(x ± 0.5)`` then a truncating int cast, as vLLM's kernels round."""
+    return torch.trunc(torch.where(x >= 0, x + 0.5, x - 0.5))
+
+
+def token_head_scale(x: torch.Tensor, largest: float) -> torch.Tensor:
+    """fp32 ``max(amax / largest, 1e-6)`` per token and head (over head_dim), keepdim."""
+    return torch.clamp_min(x.float().abs().amax(-1, keepdim=True) / largest, 1e-6)
+
+
+def int8_per_token_head_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = token_head_scale(x, 127.0)
+    codes = _round_half_away(x.float() * (1.0 / scale)).clamp(-128.0, 127.0).to(torch.int8)
+    return codes, scale
+
+
+def fp8_per_token_head_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = token_head_scale(x, E4M3_MAX)
+    return (x.float() * (1.0 / scale)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def per_token_head_dequantize(codes, scale, dtype=torch.float32) -> torch.Tensor:
+    return (codes.float() * scale).to(dtype)
+
+
+def _largest_power_of_two_divisor(n: int) -> int:
+    return n & -n
+
+
+def rht_signs(block: int) -> torch.Tensor:
+    """vLLM's fixed ±1 signs of its randomized Hadamard transform (its seed, its generator)."""
+    generator = torch.Generator(device="cpu").manual_seed(0x9E3779B9)
+    return 2.0 * torch.bernoulli(torch.full((block,), 0.5), generator=generator) - 1.0
+
+
+def _hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized Walsh-Hadamard transform of the last dim (a power of two), as vLLM's CPU butterfly."""
+    d, h = x.shape[-1], 1
+    while h < d:
+        pairs = x.reshape(*x.shape[:-1], d // (2 * h), 2, h)
+        x = torch.stack([pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]], dim=-2).reshape(x.shape)
+        h <<= 1
+    return x
+
+
+def rht(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """vLLM's ``single_rht``: H·D·x per block of b (the largest power of two dividing head_dim);
+    the inverse is D·H·x. H·H = b·I, so ``rht(rht(x), inverse=True) == b · x``."""
+    d = x.shape[-1]
+    block = _largest_power_of_two_divisor(d)
+    blocks = x.reshape(*x.shape[:-1], d // block, block)
+    signs = rht_signs(block).to(x.device, x.dtype)
+    out = _hadamard(blocks) * signs if inverse else _hadamard(blocks * signs)
+    return out.reshape(x.shape)
+
+
+def int4_per_token_head_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes 0..15 as uint8, unpacked, in the rotated domain; fp32 scale whose low 4 mantissa bits
+    hold the zero point). vLLM rotates in float32 and rounds back to the model dtype first."""
+    y = rht(x.float()).to(x.dtype).float()
+    lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
+    scale = torch.clamp_min((hi - lo) / 15.0, 1e-6)
+    zero = _round_half_away(-lo / scale).clamp(0.0, 15.0)
+    codes = _round_half_away(y * (1.0 / scale) + zero).clamp(0.0, 15.0).to(torch.uint8)
+    packed_scale = ((scale.view(torch.int32) & -16) | zero.to(torch.int32)).view(torch.float32)
+    return codes, packed_scale
+
+
+def int4_per_token_head_dequantize(codes, packed_scale, dtype=torch.float32) -> torch.Tensor:
+    """Back to the model's domain: the decode kernel's (code − zero) · scale (zero bits cleared),
+    then the inverse rotation, divided by the block b as vLLM divides its output."""
+    bits = packed_scale.view(torch.int32)
+    zero, scale = (bits & 0xF).float(), (bits & -16).view(torch.float32)
+    rotated = (codes.float() - zero) * scale
+    return (rht(rotated, inverse=True) / _largest_power_of_two_divisor(codes.shape[-1])).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two codes per byte as vLLM stores them: element 2i in the low nibble, 2i+1 in the high one."""
+    return (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)
+
+
+_PER_TOKEN_HEAD_CODECS = {
+    "int8_per_token_head": (int8_per_token_head_quantize, per_token_head_dequantize),
+    "fp8_per_token_head": (fp8_per_token_head_quantize, per_token_head_dequantize),
+    "int4_per_token_head": (int4_per_token_head_quantize, int4_per_token_head_dequantize),
+}
+
+
 # ---- one entry point per use -------------------------------------------------------------------
 
 
@@ -220,8 +328,8 @@ def fake_quantize(x: torch.Tensor, name: str, per_head: bool = False) -> torch.T
         return nvfp4_fake(x)
     if name in _UNIT_SCALE_FP8:
         return fp8_unit_fake(x, name)
-    if name in _BLOCK_CODECS:
-        quantize, dequantize = _BLOCK_CODECS[name]
+    if name in _BLOCK_CODECS or name in _PER_TOKEN_HEAD_CODECS:
+        quantize, dequantize = _BLOCK_CODECS.get(name) or _PER_TOKEN_HEAD_CODECS[name]
         return dequantize(*quantize(x), dtype=x.dtype)
     raise ValueError(f"unknown engine format {name!r}: expected one of {sorted(ENGINE_FORMATS)}")
 
@@ -240,6 +348,8 @@ def nbytes(name: str, tokens: int, head_dim: int, rows: int = 1, per_head: bool 
         return elements
     if name == "nvfp4":
         return elements // 2 + elements // 16 + 4
+    if name in PER_TOKEN_HEAD:  # codes, then an fp32 scale per token and head
+        return elements * PER_TOKEN_HEAD[name] // 8 + 4 * rows * tokens
     if name in _BLOCK_BYTES:  # codes, then an fp16 scale (and minimum) per block of 32
         code_bits, extra = _BLOCK_BYTES[name]
         return elements * code_bits // 8 + extra * (elements // 32)
@@ -259,9 +369,36 @@ _INT_PLUS_G_PAIRS = _INT_PLUS_PAIRS + tuple(f"{p}g64" for p in _INT_PLUS_PAIRS i
 _VLLM_PAIRS = ("k16v16", "k[fp8]v[fp8]", "k[fp8]v[nvfp4]", "k[nvfp4]v[nvfp4]")
 # vLLM's layer-wise PRs (#56116, #56155/#56156): FP8 or NVFP4 per layer, never FP8 keys with NVFP4 values.
 _VLLM_LAYERWISE_PAIRS = ("k16v16", "k[fp8]v[fp8]", "k[nvfp4]v[nvfp4]")
-# Released vLLM: one --kv-cache-dtype for every layer but the --kv-cache-dtype-skip-layers set, which
-# stays 16-bit. A search over one of these sets is a search over the skipped set for that dtype.
-_VLLM_RELEASED = {"vllm-fp8": "fp8_e4m3", "vllm-fp8_e5m2": "fp8_e5m2", "vllm-fp8-scaled": "fp8", "vllm-nvfp4": "nvfp4"}
+# Released vLLM (0.32): one --kv-cache-dtype for every layer but the --kv-cache-dtype-skip-layers set,
+# which stays 16-bit. dtype -> (K format, V format) as kvtune models it.
+VLLM_DTYPES = {
+    "fp8_e4m3": ("fp8_e4m3", "fp8_e4m3"),
+    "fp8_e5m2": ("fp8_e5m2", "fp8_e5m2"),
+    "fp8": ("fp8", "fp8"),
+    "nvfp4": ("nvfp4", "nvfp4"),
+    **{name: (name, name) for name in PER_TOKEN_HEAD},
+}
+# The dtypes vLLM's CPU attention backend runs (cpu_attn.py's list; it checks nothing else and
+# stores bf16 into the buffers of other dtypes, which is garbage).
+VLLM_CPU_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
+# A search over one of these sets is a search over the skipped set for that dtype.
+_VLLM_RELEASED = {"vllm-fp8": "fp8_e4m3", "vllm-fp8_e5m2": "fp8_e5m2", "vllm-fp8-scaled": "fp8", "vllm-nvfp4": "nvfp4",
+                  **{f"vllm-{name}": name for name in PER_TOKEN_HEAD}}
+
+
+def vllm_pair(dtype: str) -> str:
+    """The candidate a vLLM dtype stores every quantized layer as: ``K[fp8_e4m3]V[fp8_e4m3]``."""
+    k, v = VLLM_DTYPES[dtype]
+    return f"k[{k}]v[{v}]"
+
+
+def vllm_forced_skips(dtype: str, num_layers: int, hybrid: bool = False) -> list[int]:
+    """Layers vLLM keeps unquantized whatever the skip list says (engine/arg_utils.py unions them in):
+    for TurboQuant the first and last min(2, L // 2) layers of a dense model, none of a hybrid one."""
+    if not dtype.startswith("turboquant_") or hybrid:
+        return []
+    n = min(2, num_layers // 2)
+    return sorted(set(range(n)) | set(range(num_layers - n, num_layers)))
 _LLAMA_CPP_TYPES = ("16", "[q8_0]", "[q4_0]", "[q4_1]")  # f16 and the block types; K and V chosen apart
 _LLAMA_CPP_PAIRS = tuple(f"k{k}v{v}" for k in _LLAMA_CPP_TYPES for v in _LLAMA_CPP_TYPES)
 # llama.cpp's cache types including its 5-bit ones (q5_0, q5_1): 36 pairs.
@@ -273,13 +410,19 @@ FORMAT_SETS = {
     "int+g": _INT_PLUS_G_PAIRS,
     "vllm": _VLLM_PAIRS,
     "vllm-layerwise": _VLLM_LAYERWISE_PAIRS,
-    **{name: ("k16v16", f"k[{dtype}]v[{dtype}]") for name, dtype in _VLLM_RELEASED.items()},
-    "vllm-released": ("k16v16", *(f"k[{dtype}]v[{dtype}]" for dtype in _VLLM_RELEASED.values())),
+    **{name: ("k16v16", vllm_pair(dtype)) for name, dtype in _VLLM_RELEASED.items()},
+    "vllm-released": ("k16v16", *(vllm_pair(dtype) for dtype in _VLLM_RELEASED.values())),
     "llama.cpp": _LLAMA_CPP_PAIRS,
     "llama.cpp+": _LLAMA_CPP_PLUS_PAIRS,
     "engine": tuple(dict.fromkeys(_VLLM_PAIRS + _LLAMA_CPP_PAIRS)),
     "all": tuple(dict.fromkeys(_INT_PLUS_PAIRS + _VLLM_PAIRS + _LLAMA_CPP_PAIRS)),
 }
+
+
+def released_vllm_set(text: str) -> bool:
+    """Is ``--formats`` made only of released-vLLM sets (``vllm-fp8``, ``vllm-released``, …)?"""
+    parts = [p.strip().lower() for p in text.split(",") if p.strip()]
+    return bool(parts) and all(p in _VLLM_RELEASED or p == "vllm-released" for p in parts)
 
 
 def resolve_formats(text: str) -> list[str]:

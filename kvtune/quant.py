@@ -55,7 +55,8 @@ class QuantSpec:
     ``format`` is ``"int"`` (this module's asymmetric integers, 16 = unquantized) or an engine's
     native format from :mod:`kvtune.formats` (``fp8``, ``nvfp4``, ``q8_0``, ``q5_0``, ``q5_1``, ``q4_0``, ``q4_1``);
     for those ``bits`` is the nominal width, and ``mode``/``group_size`` are the format's own
-    (``fp8``: ``per-tensor`` or ``per-head`` scale; the block formats: ``per-block``).
+    (``fp8``: ``per-tensor`` or ``per-head`` scale; the block formats: ``per-block``; vLLM's
+    ``*_per_token_head``: ``per-token-head``).
     """
 
     bits: int
@@ -82,12 +83,15 @@ class QuantSpec:
 
     def __post_init__(self):
         if self.is_engine:
-            from kvtune.formats import BLOCK, ENGINE_FORMATS
+            from kvtune.formats import BLOCK, ENGINE_FORMATS, PER_TOKEN_HEAD
 
             if self.format not in ENGINE_FORMATS:
                 raise PlanError(f"unknown KV format {self.format!r}: expected 'int' or one of {sorted(ENGINE_FORMATS)}")
             object.__setattr__(self, "bits", ENGINE_FORMATS[self.format])
-            if BLOCK[self.format] is None:  # the FP8 formats: a scale per tensor (fp8 also per head), no blocks
+            if self.format in PER_TOKEN_HEAD:
+                object.__setattr__(self, "mode", "per-token-head")
+                object.__setattr__(self, "group_size", 32)
+            elif BLOCK[self.format] is None:  # the FP8 formats: a scale per tensor (fp8 also per head), no blocks
                 if self.mode not in FP8_MODES or self.format != "fp8":
                     object.__setattr__(self, "mode", "per-tensor")
                 object.__setattr__(self, "group_size", 32)
@@ -113,6 +117,13 @@ class QuantSpec:
     def token_granularity(self) -> int:
         """Tokens that must be present before they can be quantized together."""
         return self.group_size if self.mode == "per-channel" else 1
+
+    @property
+    def reads_itself(self) -> bool:
+        """Does a token attend to its own K/V as stored? Engines write a step's K/V into their cache
+        and then attend over the cache (vLLM, llama.cpp), so a token reads itself rounded; kvtune's
+        own cache hands a call its fresh tokens unrounded, as its fused kernel does."""
+        return self.is_engine
 
     def window(self, residual: int) -> int:
         """The full-precision window this spec keeps: engines store every token in their format."""

@@ -4,7 +4,8 @@ A plain prefill attends over the K/V it has just computed, in full precision, so
 effect of a quantized cache at all. Here every query ``t`` instead sees key/value ``i`` the way
 token-by-token decoding through :class:`~kvtune.cache.MixedPrecisionCache` would show it:
 dequantized when ``i < QuantSpec.quantized_tokens(t + 1, residual)`` and ``i < t``, exact
-otherwise (the residual window, and the token the query itself just produced). Quantization
+otherwise (the residual window, and the token the query itself just produced). Engine formats
+store a token before it attends (:attr:`QuantSpec.reads_itself`): there ``i <= t`` reads rounded. Quantization
 groups never depend on when they were formed, so one fake-quantized copy of K and of V serves
 all queries; a mask per query picks which copy each score and each value comes from.
 """
@@ -39,7 +40,8 @@ def seen_quantized(spec: QuantSpec, residual: int, length: int, device=None) -> 
     step = spec.token_granularity
     quantized_upto = (t + 1 - spec.window(residual)).clamp(min=0) // step * step  # quantized_tokens(t + 1), vectorised
     i = t[None, :]
-    return (i < quantized_upto[:, None]) & (i < t[:, None])
+    before = (i <= t[:, None]) if spec.reads_itself else (i < t[:, None])
+    return (i < quantized_upto[:, None]) & before
 
 
 def simulated_attention(

@@ -105,11 +105,12 @@ class Candidates:
     def value_sides(self) -> list[Side]:
         return sorted({self.sides(*p)[1] for p in self.pairs} - {Side(FULL_BITS)}, key=_order)
 
-    def pattern(self, side: Side, which: str) -> tuple[int, int]:
+    def pattern(self, side: Side, which: str) -> tuple[int, int, bool]:
         """Which positions each query reads from the quantized store depends only on the token
-        granularity and the window, not on the width: sides of one pattern share a gradient view."""
+        granularity, the window and whether a token reads itself rounded, not on the width: sides of
+        one pattern share a gradient view."""
         spec = self.spec(side, which)
-        return spec.token_granularity, spec.window(self.window(side))
+        return spec.token_granularity, spec.window(self.window(side)), spec.reads_itself
 
     def seen(self, side: Side, which: str, length: int, device=None) -> torch.Tensor:
         return seen_quantized(self.spec(side, which), self.window(side), length, device)

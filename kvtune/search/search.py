@@ -30,6 +30,7 @@ from kvtune.search.budget import Budget, BudgetError, parse_budget
 from kvtune.search.exact import evaluate, exact_optimum
 from kvtune.search.nsga import nsga2_front
 from kvtune.search.space import SearchSpace, build_space, nondominated
+from kvtune.search.targets import TARGETS, Subspace, engine_front, vllm_subspaces
 from kvtune.search.verify import RaceResult, paired_gap, race
 
 UNIFORM_REFERENCES = ("k8v8", "k8v4", "k4v8", "k4v4", "k4v2", "k2v4", "k2v2")
@@ -52,6 +53,9 @@ class SearchSettings:
     verify: int = 3
     verify_uniform: bool = True  # measure the uniform plans within budget beside the front's best
     formats: str | None = None  # a set or list of pairs (kvtune.formats.resolve_formats); None: all profiled
+    # What runs the plan (kvtune.search.targets): "kvtune" (any candidate per layer), "vllm",
+    # "llama.cpp", "ik-llama.cpp"; None: "vllm" for the vllm-<dtype> / vllm-released sets, else "kvtune".
+    target: str | None = None
     verify_windows: int = 16  # at most; the race stops early once one plan is clearly best
     verify_round: int = 4  # windows per round of the race
     verify_z: float = 2.0  # standard errors behind the leader at which a plan drops out
@@ -215,28 +219,62 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
     notes = check_budget_fits(budget, settings.budget, memory)
     smallest = memory.min(axis=1).sum()
 
-    space = build_space(pairs, cost, memory, settings.groups)
-    bar = tqdm(total=settings.generations, desc="search: NSGA-II", disable=not progress, leave=False)
-    X, F, pop_size = nsga2_front(space, budget.value, settings.seed, settings.pop_size, settings.generations, bar,
-                                 settings.max_pop_size)
-    bar.close()
+    target = search_target(settings, [profile.pairs[j] for j in allowed])
+    names = [profile.pairs[j] for j in allowed]
+    # Plans as a column of the profile per layer, with their (predicted loss, memory).
+    candidates: list[tuple[str, list[int], float, float]] = []
+    spaces_meta = []
+    if target in ("llama.cpp", "ik-llama.cpp"):
+        for per_layer, c, m in engine_front(target, names, cost, memory):
+            if m <= budget.value * (1 + 1e-12):
+                candidates.append(("exact", [allowed[j] for j in per_layer], c, m))
+        gaps = pd.DataFrame(columns=["budget", "exact", "nsga2", "gap"])
+        pop_size = 0
+        spaces_meta.append({"name": target, "enumerated_plans": len(candidates)})
+    else:
+        subspaces = [Subspace("kvtune", list(range(len(allowed))))] if target == "kvtune" else vllm_subspaces(names, profile.shape)
+        bar = tqdm(total=settings.generations * len(subspaces), desc="search: NSGA-II", disable=not progress, leave=False)
+        gap_tables, smallest_runnable = [], np.inf
+        for sub in subspaces:
+            sub_cost, sub_memory = cost[:, sub.columns], memory[:, sub.columns]
+            fixed = {layer: sub.columns.index(j) for layer, j in sub.fixed.items()}
+            space = build_space([pairs[j] for j in sub.columns], sub_cost, sub_memory, settings.groups, fixed)
+            least = sum(space.group_memory(g).min() for g in range(len(space.groups)))
+            smallest_runnable = min(smallest_runnable, least)
+            if least > budget.value * (1 + 1e-12):
+                spaces_meta.append({"name": sub.name, "skipped": f"no plan of this space fits the budget (the smallest is "
+                                                                 f"{_budget_text(budget, least)})"})
+                bar.update(settings.generations)
+                continue
+            X, F, pop_size = nsga2_front(space, budget.value, settings.seed, settings.pop_size, settings.generations, bar,
+                                         settings.max_pop_size)
+            gap_tables.append(check_against_exact(space, F, np.linspace(smallest, budget.value, settings.gap_budgets)))
+            exact_x = exact_optimum(space, budget.value)
+            found = [("nsga2", x) for x in X]
+            if exact_x is not None and not any(np.array_equal(exact_x, x) for x in X):
+                found.append(("exact", exact_x))
+            for source, x in found:
+                c, m = evaluate(space, x)
+                candidates.append((source, [allowed[sub.columns[j]] for j in space.layer_pairs(x)], c, m))
+            spaces_meta.append({"name": sub.name, "log10_full": space.full_size, "log10_after_pruning": space.pruned_size,
+                                "log10_after_clustering": space.size, "groups": space.groups,
+                                "fixed_layers": sorted(sub.fixed),
+                                "choices": [[profile.pairs[allowed[sub.columns[j]]] for j in c] for c in space.choices]})
+        bar.close()
+        gaps = combine_gaps(gap_tables)
     nsga_seconds = time.perf_counter() - started
-    gaps = check_against_exact(space, F, np.linspace(smallest, budget.value, settings.gap_budgets))
-    exact_x = exact_optimum(space, budget.value)
+    if not candidates:
+        least = f" (the smallest is {_budget_text(budget, smallest_runnable)})" if target == "vllm" else ""
+        raise BudgetError(f"no plan {target} can run fits budget {settings.budget}{least}")
 
-    # The front table: NSGA-II's non-dominated plans, plus the exact optimum at the budget, with
-    # anything the exact optimum dominates dropped.
-    candidates = [("nsga2", x) for x in X]
-    if exact_x is not None and not any(np.array_equal(exact_x, x) for x in X):
-        candidates.append(("exact", exact_x))
+    # The front table: the non-dominated plans found (NSGA-II's and the exact optima at the budget).
     # Rounded so that equal memory summed in another order still compares equal.
-    objectives = np.array([evaluate(space, x) for _, x in candidates])
+    objectives = np.array([(c, m) for _, _, c, m in candidates])
     rounded = np.round(objectives, 9)
     kept = nondominated(rounded[:, 0], rounded[:, 1])
     plans, records = [], []
     for i, j in enumerate(kept):
-        source, x = candidates[j]
-        columns = [allowed[j] for j in space.layer_pairs(x)]
+        source, columns, _, _ = candidates[j]
         plan = plan_from_pairs(profile, columns, name=f"front-{i}")
         plans.append(plan)
         records.append({"id": i, "source": source, "predicted_loss": objectives[j, 0],
@@ -244,22 +282,25 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
                         "pairs": ",".join(profile.pairs[c] for c in columns), "verified_nll": np.nan, "chosen": False})
     # The measured choice: the best predicted plans, the exact optimum and the uniform plans in budget.
     if settings.verify:
-        exact_rows = [i for i, j in enumerate(kept) if exact_x is not None and np.array_equal(candidates[j][1], exact_x)]
+        # The best predicted plans, and the exact optima at the budget (the best three where each
+        # engine dtype has its own).
+        exact_rows = sorted((i for i, j in enumerate(kept) if candidates[j][0] == "exact"), key=lambda i: records[i]["predicted_loss"])[:3]
         to_verify = sorted(range(len(records)), key=lambda i: records[i]["predicted_loss"])[: settings.verify]
         to_verify = list(dict.fromkeys(to_verify + exact_rows))
         if settings.verify_uniform:
-            for j, column in enumerate(allowed):
+            for column, layer_columns in uniform_references(target, profile, allowed, names):
                 pair = profile.pairs[column]
-                if memory[:, j].sum() > budget.value * (1 + 1e-12):
+                if sum(memory[i, allowed.index(c)] for i, c in enumerate(layer_columns)) > budget.value * (1 + 1e-12):
                     continue
-                plan = plan_from_pairs(profile, [column] * profile.num_layers, name=f"uniform:{pair.lower()}")
-                names = ",".join([pair] * profile.num_layers)
-                if names in {r["pairs"] for r in records}:
+                plan = plan_from_pairs(profile, layer_columns, name=f"uniform:{pair.lower()}")
+                names_text = ",".join(profile.pairs[c] for c in layer_columns)
+                if names_text in {r["pairs"] for r in records}:
                     continue  # already on the front
                 plans.append(plan)
-                records.append({"id": len(records), "source": "uniform", "predicted_loss": float(cost[:, j].sum()),
+                predicted = sum(cost[i, allowed.index(c)] for i, c in enumerate(layer_columns))
+                records.append({"id": len(records), "source": "uniform", "predicted_loss": float(predicted),
                                 **_memory_figures(plan, profile.shape, context, budget.batch),
-                                "pairs": names, "verified_nll": np.nan, "chosen": False})
+                                "pairs": names_text, "verified_nll": np.nan, "chosen": False})
                 to_verify.append(len(records) - 1)
         front = pd.DataFrame(records)
         result = _verify(profile, settings, [plans[i] for i in to_verify], progress)
@@ -291,13 +332,8 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
         "settings": asdict(settings),
         "notes": notes,
         "budget": {"text": settings.budget, **asdict(budget)},
-        "space": {
-            "log10_full": space.full_size,
-            "log10_after_pruning": space.pruned_size,
-            "log10_after_clustering": space.size,
-            "groups": space.groups,
-            "choices": [[profile.pairs[allowed[j]] for j in c] for c in space.choices],
-        },
+        "target": target,
+        "space": spaces_meta[0] if len(spaces_meta) == 1 else {"spaces": spaces_meta},
         "nsga2_seconds": nsga_seconds,
         "nsga2_pop_size": pop_size,
         "front_size": int(len(front)),
@@ -313,6 +349,40 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
                   and (budget.kind == "bytes" or parse_candidate(profile.pairs[j])[2:] == (None, None))]
     _write(out, front, plan, meta, profile, references, budget, context)
     return SearchResult(front, plan, meta)
+
+
+def search_target(settings: SearchSettings, names: list[str]) -> str:
+    """The engine whose expressible plans the search keeps to (see :class:`SearchSettings`)."""
+    from kvtune.formats import released_vllm_set
+
+    if settings.target is not None:
+        if settings.target not in TARGETS:
+            raise BudgetError(f"--target {settings.target!r}: expected one of {list(TARGETS)}")
+        return settings.target
+    return "vllm" if settings.formats and released_vllm_set(settings.formats) else "kvtune"
+
+
+def combine_gaps(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """NSGA-II against the exact optimum over several spaces: the best of each per budget."""
+    tables = [t for t in tables if len(t)]
+    if not tables:
+        return pd.DataFrame(columns=["budget", "exact", "nsga2", "gap"])
+    rows = pd.concat(tables).groupby("budget", as_index=False)[["exact", "nsga2"]].min()
+    rows["gap"] = [(f - o) / o if o > 0 else (0.0 if f == o else np.inf) for f, o in zip(rows["nsga2"], rows["exact"])]
+    return rows
+
+
+def uniform_references(target: str, profile: Profile, allowed: list[int], names: list[str]) -> list[tuple[int, list[int]]]:
+    """(column, column per layer) of the plain plans a user of the target could pick without kvtune:
+    every layer at one candidate, or for vLLM each dtype with the layers vLLM itself skips."""
+    if target != "vllm":
+        return [(column, [column] * profile.num_layers) for column in allowed]
+    full = next(c for c, n in zip(allowed, names) if n.upper() == "K16V16")
+    out = []
+    for sub in vllm_subspaces(names, profile.shape):
+        column = allowed[sub.columns[1]]
+        out.append((column, [full if i in sub.fixed else column for i in range(profile.num_layers)]))
+    return out
 
 
 def uniform_ties(front: pd.DataFrame, z: float) -> list[dict]:

@@ -92,11 +92,19 @@ class SearchSpace:
         return out
 
 
-def build_space(pairs, cost: np.ndarray, memory: np.ndarray, n_groups: int) -> SearchSpace:
-    kept = prune_layers(cost, memory)
-    quantized = [j for j, p in enumerate(pairs) if p != (16, 16)]
-    features = np.log10(np.maximum(cost[:, quantized], 1e-12))
-    groups = cluster_layers(features, n_groups, find_outliers(features))
+def build_space(pairs, cost: np.ndarray, memory: np.ndarray, n_groups: int, fixed: dict[int, int] | None = None) -> SearchSpace:
+    """Pruned and clustered space; ``fixed`` (layer → column) holds layers an engine never lets
+    change at one column, each in a group of its own with that single choice."""
+    fixed = fixed or {}
+    kept = [[fixed[layer]] if layer in fixed else k for layer, k in enumerate(prune_layers(cost, memory))]
+    quantized = [j for j, p in enumerate(pairs) if p != (16, 16)] or list(range(len(pairs)))
+    free = [i for i in range(cost.shape[0]) if i not in fixed]
+    groups = [[i] for i in fixed]
+    if free:
+        features = np.log10(np.maximum(cost[free][:, quantized], 1e-12))
+        clustered = cluster_layers(features, max(n_groups - len(fixed), 1), find_outliers(features))
+        groups += [[free[i] for i in g] for g in clustered]
+    groups = sorted(groups, key=lambda g: g[0])
     choices = []
     for layers in groups:
         union = sorted({j for layer in layers for j in kept[layer]})
@@ -109,6 +117,6 @@ def build_space(pairs, cost: np.ndarray, memory: np.ndarray, n_groups: int) -> S
         memory=memory,
         groups=groups,
         choices=choices,
-        full_size=cost.shape[0] * float(np.log10(cost.shape[1])),
+        full_size=len(free) * float(np.log10(cost.shape[1])),
         pruned_size=float(sum(np.log10(len(k)) for k in kept)),
     )
