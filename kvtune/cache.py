@@ -183,6 +183,13 @@ class _Stream:
         t = 0 if self.tail is None else self.tail.numel() * 2
         return q + t
 
+    def copy(self) -> _Stream:
+        """An independent stream holding the same tokens (growable buffers are written in place)."""
+        twin = _Stream(self.spec, self.residual)
+        twin.__dict__.update(self.__dict__)
+        twin.map(lambda t: t.clone())
+        return twin
+
     def map(self, fn) -> None:
         if self._engine is not None:
             self._engine = _Growable(fn(self._engine.view))
@@ -200,19 +207,52 @@ class MixedPrecisionLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, layer_plan: LayerPlan, layer_idx: int = 0, fused_decode: bool = False, window: int = 0):
+    def __init__(self, layer_plan: LayerPlan, layer_idx: int = 0, fused_decode: bool = False, window: int = 0,
+                 left_padding: list[int] | None = None):
         super().__init__()
         self.plan, self.layer_idx, self.window = layer_plan, layer_idx, window
-        self.fused_decode = fused_decode and not window  # the kernel reads whole streams; windows go the reference way
+        # Left-padded rows are stored one stream per row, from each row's first real token, so that
+        # padding never enters a quantization group, a scale or a byte count.
+        self.left_padding = list(left_padding) if left_padding and any(left_padding) else None
+        self.fused_decode = fused_decode and not window and self.left_padding is None  # the kernel reads whole streams
         self.is_sliding = bool(window)
         self.cumulative_length = 0
         self._k = _Stream(layer_plan.key, layer_plan.residual)
         self._v = _Stream(layer_plan.value, layer_plan.residual)
+        self._rows = None if self.left_padding is None else [self._new_streams() for _ in self.left_padding]
+
+    def _new_streams(self) -> tuple[_Stream, _Stream]:
+        return _Stream(self.plan.key, self.plan.residual), _Stream(self.plan.value, self.plan.residual)
+
+    def _update_rows(self, key_states: torch.Tensor, value_states: torch.Tensor, past: int):
+        """Each row stores its tokens after its padding; reads are padded back with zeros (masked)."""
+        if key_states.shape[0] != len(self._rows):
+            raise ValueError(f"the cache was made for {len(self._rows)} left-padded rows, the model passed {key_states.shape[0]}")
+        keys, values = [], []
+        for r, (k_stream, v_stream) in enumerate(self._rows):
+            skip = min(max(self.left_padding[r] - past, 0), key_states.shape[-2])  # pad positions in this call
+            k_new, v_new = key_states[r : r + 1, ..., skip:, :], value_states[r : r + 1, ..., skip:, :]
+            if k_new.shape[-2]:
+                k_stream.store(k_new)
+                v_stream.store(v_new)
+            keys.append(k_stream.read(k_new) if k_stream.total else k_new)
+            values.append(v_stream.read(v_new) if v_stream.total else v_new)
+            if self.window:  # after the read: this call's queries still see what leaves the window now
+                first = self.cumulative_length - (self.window - 1) - self.left_padding[r]
+                k_stream.drop_before(first)
+                v_stream.drop_before(first)
+        visible = self.cumulative_length
+        if self.window:
+            visible = min(past, self.window - 1) + key_states.shape[-2]
+        return _left_pad(keys, visible), _left_pad(values, visible)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         past = self.cumulative_length
+        if self._rows is not None:
+            self.cumulative_length += key_states.shape[-2]
+            return self._update_rows(key_states, value_states, past)
         self.cumulative_length += key_states.shape[-2]
         new = key_states.shape[-2]
         integer = not (self.plan.key.is_engine or self.plan.value.is_engine)
@@ -247,12 +287,15 @@ class MixedPrecisionLayer(DynamicLayer):
         return self.cumulative_length
 
     def nbytes(self) -> int:
+        if self._rows is not None:
+            return sum(k.nbytes() + v.nbytes() for k, v in self._rows)
         return self._k.nbytes() + self._v.nbytes()
 
     def reset(self) -> None:
         self.cumulative_length = 0
         self._k = _Stream(self.plan.key, self.plan.residual)
         self._v = _Stream(self.plan.value, self.plan.residual)
+        self._rows = None if self.left_padding is None else [self._new_streams() for _ in self.left_padding]
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -262,20 +305,46 @@ class MixedPrecisionLayer(DynamicLayer):
         self._k.map(fn)
         self._v.map(fn)
 
+    def _pick_rows(self, order: list[int]) -> None:
+        """Per-row streams in a new batch order (beam search, expansion): each pick its own copy."""
+        self._rows = [tuple(s.copy() for s in self._rows[i]) for i in order]
+        self.left_padding = [self.left_padding[i] for i in order]
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self._rows is not None:
+            return self._pick_rows(beam_idx.tolist())
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._rows is not None:
+            return self._pick_rows([i for i in range(len(self._rows)) for _ in range(repeats)])
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._rows is not None:
+            return self._pick_rows(torch.arange(len(self._rows))[indices].tolist())
         self._map_batch(lambda t: t[indices, ...])
 
     def offload(self):
-        self._map_batch(lambda t: t.to("cpu", non_blocking=True))
+        for k, v in self._rows or [(self._k, self._v)]:
+            k.map(lambda t: t.to("cpu", non_blocking=True))
+            v.map(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self):
-        self._map_batch(lambda t: t.to(self.device, non_blocking=True))
+        for k, v in self._rows or [(self._k, self._v)]:
+            k.map(lambda t: t.to(self.device, non_blocking=True))
+            v.map(lambda t: t.to(self.device, non_blocking=True))
+
+
+def _left_pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Rows (1, H, n_r, D) of different lengths → (B, H, length, D), each right-aligned, zeros before."""
+    first = rows[0]
+    out = first.new_zeros(len(rows), *first.shape[1:-2], length, first.shape[-1])
+    for r, row in enumerate(rows):
+        n = min(row.shape[-2], length)
+        if n:
+            out[r, ..., length - n :, :] = row[0, ..., row.shape[-2] - n :, :]
+    return out
 
 
 class MixedPrecisionCache(Cache):
@@ -286,7 +355,8 @@ class MixedPrecisionCache(Cache):
     transformers itself would give them, at their model index.
     """
 
-    def __init__(self, plan: Plan, fused_decode: bool = False, shape: ModelShape | None = None, config=None):
+    def __init__(self, plan: Plan, fused_decode: bool = False, shape: ModelShape | None = None, config=None,
+                 left_padding: list[int] | None = None):
         self.plan = plan
         shape = shape or plan.shape or ModelShape(len(plan), 1, 1)
         planned = {shape.model_layer(i): i for i in range(len(plan))}
@@ -301,7 +371,8 @@ class MixedPrecisionCache(Cache):
         else:
             others, count = {}, len(plan)
         layers = [
-            MixedPrecisionLayer(plan.layers[planned[i]], i, fused_decode, shape.window(planned[i])) if i in planned else others[i]
+            MixedPrecisionLayer(plan.layers[planned[i]], i, fused_decode, shape.window(planned[i]), left_padding)
+            if i in planned else others[i]
             for i in range(count)
         ]
         super().__init__(layers=layers)
@@ -311,7 +382,19 @@ class MixedPrecisionCache(Cache):
         return sum(layer.nbytes() for layer in self.layers if isinstance(layer, MixedPrecisionLayer))
 
 
-def load_cache(model, plan: Plan | str | Path, fused_decode: bool | None = None) -> MixedPrecisionCache:
+def left_padding_of(attention_mask: torch.Tensor | None) -> list[int] | None:
+    """Pad tokens before each row's first real one, from a left-padded ``attention_mask`` (B, T)."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    pads = (~mask).int().cumprod(dim=-1).sum(-1)  # leading zeros
+    if int((~mask).sum()) != int(pads.sum()):
+        raise ValueError("only left padding is supported: the attention mask has zeros after a row's first real token")
+    return pads.tolist()
+
+
+def load_cache(model, plan: Plan | str | Path, fused_decode: bool | None = None,
+               attention_mask: torch.Tensor | None = None) -> MixedPrecisionCache:
     """A ready cache for ``model`` after checking that the plan fits it.
 
     ``plan`` is a :class:`Plan`, a plan file, or a plan name (``"uniform:k4v2"``, ``"kivi:2"``,
@@ -319,6 +402,9 @@ def load_cache(model, plan: Plan | str | Path, fused_decode: bool | None = None)
 
     ``fused_decode`` (default: whether the model is on CUDA) switches the model to the
     ``kvtune_fused`` attention so decode steps read the packed cache with the Triton kernel.
+
+    ``attention_mask``: the left-padded batch's mask (as ``generate`` gets it); padded rows are then
+    stored from their first real token, so padding changes no group, scale or byte count.
     """
     from kvtune.models import check_supported
 
@@ -328,6 +414,9 @@ def load_cache(model, plan: Plan | str | Path, fused_decode: bool | None = None)
     plan.check_model(arch.shape, getattr(model, "name_or_path", "the model"))
     if fused_decode is None:
         fused_decode = fused.available(model)
+    left_padding = left_padding_of(attention_mask)
+    if left_padding is not None and any(left_padding):
+        fused_decode = False
     if fused_decode:
         fused.enable(model)
-    return MixedPrecisionCache(plan, fused_decode, arch.shape, model.config)
+    return MixedPrecisionCache(plan, fused_decode, arch.shape, model.config, left_padding)

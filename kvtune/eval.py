@@ -127,7 +127,7 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True, out: str | Pat
     fp_plan = Plan.uniform("k16v16", shape.num_layers)
     reference = None
     if "agreement" in built:
-        reference = tasks.generate(model, tokenizer, built["agreement"], lambda: load_cache(model, fp_plan, fused_decode=False), settings.agreement_tokens)
+        reference = tasks.generate(model, tokenizer, built["agreement"], lambda mask: load_cache(model, fp_plan, fused_decode=False, attention_mask=mask), settings.agreement_tokens)
     rows = []
     for spec, plan in zip(tqdm(settings.plans, desc="eval", disable=not progress), plans):
         start = time.perf_counter()
@@ -140,8 +140,8 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True, out: str | Pat
             "ppl": math.exp(token_nll(model, windows, plan, settings.batch_size).mean().item()),
         }
 
-        def new_cache(plan=plan):
-            return load_cache(model, plan, fused_decode=False)
+        def new_cache(mask, plan=plan):
+            return load_cache(model, plan, fused_decode=False, attention_mask=mask)
 
         if "analogy" in built:
             row["analogy_acc"] = tasks.accuracy(model, tokenizer, built["analogy"], new_cache, max_new_tokens=4, batch_size=8)

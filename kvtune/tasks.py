@@ -115,15 +115,16 @@ def is_correct(generated: str, answer: str) -> bool:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cache_factory, max_new_tokens: int, batch_size: int = 4) -> list[list[int]]:
-    """Greedy continuations (token ids), each batch with a fresh cache from ``cache_factory()``."""
+    """Greedy continuations (token ids), each batch with a fresh cache from ``cache_factory(attention_mask)``
+    (the mask tells the cache which rows are left-padded, so padding enters no quantization group)."""
     from kvtune.models import input_device
 
     device = input_device(model)
     outputs = []
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="left").to(device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, past_key_values=cache_factory(),
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             past_key_values=cache_factory(batch["attention_mask"]), pad_token_id=tokenizer.pad_token_id)
         outputs += [row[batch["input_ids"].shape[1] :].tolist() for row in out]
     return outputs
 

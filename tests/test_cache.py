@@ -77,3 +77,35 @@ def test_beam_search_reorders_quantized_state(tiny_model):
     )
     ref = tiny_model.generate(input_ids=ids[:1], max_new_tokens=8, num_beams=2, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("pair", ["k2v2", "k[q4_1]v[int4_per_token_head]"])
+def test_left_padded_row_equals_the_row_alone(tiny_model, pair):
+    """Padding enters no group, scale or byte count: a left-padded row generates exactly what the
+    row generates alone, with the same logits, and the cache holds the bytes of its real tokens."""
+    torch.manual_seed(9)
+    plan = Plan(tuple(LayerPlan.from_pair(pair, group_size=8, residual=4) for _ in range(3)))
+    ids, mask = _prompts()
+    alone_ids = ids[1:, 4:]
+
+    def run(input_ids, attention_mask):
+        cache = load_cache(tiny_model, plan, attention_mask=attention_mask)
+        out = tiny_model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=14, do_sample=False,
+                                  past_key_values=cache, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        return out, cache
+
+    padded, padded_cache = run(ids, mask)
+    alone, alone_cache = run(alone_ids, torch.ones_like(alone_ids))
+    assert torch.equal(padded.sequences[1, 4:], alone.sequences[0])
+    for a, b in zip(padded.logits, alone.logits):
+        assert torch.allclose(a[1], b[0], atol=1e-9, rtol=0)
+    shape = model_shape(tiny_model)
+    tokens = alone_cache.get_seq_length()
+    assert alone_cache.nbytes() == plan.cache_bytes(shape, tokens)
+    assert padded_cache.nbytes() == plan.cache_bytes(shape, tokens + 4) + plan.cache_bytes(shape, tokens)
+    # Without the mask the padding is quantized with the row, and the row's logits move.
+    unmasked = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
+                                   past_key_values=load_cache(tiny_model, plan), pad_token_id=0, output_logits=True,
+                                   return_dict_in_generate=True)
+    if pair == "k2v2":
+        assert not all(torch.allclose(a[1], b[0], atol=1e-9, rtol=0) for a, b in zip(unmasked.logits, alone.logits))

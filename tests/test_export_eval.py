@@ -77,7 +77,7 @@ def test_eval_of_the_16_bit_plan_reproduces_fp16_exactly(tiny_model):
 
     prompts = ["an example prompt", "another, longer example prompt"]
     reference = tiny_model.generate(**ByteTokenizer()(prompts), max_new_tokens=10, do_sample=False, pad_token_id=0)
-    ours = tasks.generate(tiny_model, ByteTokenizer(), prompts, lambda: MixedPrecisionCache(Plan.uniform("k16v16", 3)), 10)
+    ours = tasks.generate(tiny_model, ByteTokenizer(), prompts, lambda mask: MixedPrecisionCache(Plan.uniform("k16v16", 3)), 10)
     assert [r[-10:].tolist() for r in reference] == ours
     assert tasks.agreement(ours, ours) == 1.0
 
