@@ -26,10 +26,10 @@ format      stored as                                                  nominal b
 Each format is one function ``quantize(x) -> (codes, scales…)`` and one ``dequantize``; the
 llama.cpp ones follow ``quantize_row_q*_ref`` in ggml-quants.c step for step (float32 arithmetic,
 ``roundf`` rounding half away from zero, the scale rounded to fp16 after the codes are chosen).
-FP8 and NVFP4 scales are taken from the tensor itself (amax); an engine stores the per-tensor
-scale as a calibrated constant per layer, which is what the amax of a calibration batch gives.
-Released vLLM reads that constant from the checkpoint (ModelOpt writes it) and uses 1.0 when the
-checkpoint has none: ``fp8_e4m3`` and ``fp8_e5m2`` are those unit-scale caches, values saturated
+FP8 and NVFP4 scale by a per-tensor constant per layer, as engines store it: the amax of K (of V)
+over calibration text (:mod:`kvtune.profiling.calibrate`; ModelOpt's max calibration), kept in
+the plan, or the unit scale when there is none. Released vLLM reads that constant from the
+checkpoint (ModelOpt writes it) and uses 1.0 when the checkpoint has none: ``fp8_e4m3`` and ``fp8_e5m2`` are those unit-scale caches, values saturated
 at the format's largest finite value and rounded to nearest even as vLLM's conversion does.
 Engines keep no full-precision window: every cached token is stored in the format.
 
@@ -46,6 +46,8 @@ import contextvars
 
 import torch
 
+from kvtune import turboquant
+
 E4M3_MAX = 448.0
 E5M2_MAX = 57344.0
 E2M1_MAX = 6.0
@@ -53,10 +55,19 @@ E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 # vLLM's caches with one fp32 scale per (token, KV head), stored beside the codes.
 PER_TOKEN_HEAD = {"int8_per_token_head": 8, "fp8_per_token_head": 8, "int4_per_token_head": 4}
+# vLLM's TurboQuant presets store K and V with different codecs (kvtune.turboquant); each codec is a
+# format of its own, named by the preset whose codec it is: keys FP8 (k8) or Lloyd-Max codes of the
+# Hadamard-rotated unit key with an fp16 norm (k4, k3; decode renormalises the centroids), values
+# uniform per token and head with fp16 scale and minimum (v4, v3).
+TURBOQUANT_KEYS = {"turboquant_k8": "turboquant_k8v4", "turboquant_k4": "turboquant_4bit_nc", "turboquant_k3": "turboquant_k3v4_nc"}
+TURBOQUANT_VALUES = {"turboquant_v4": "turboquant_k8v4", "turboquant_v3": "turboquant_3bit_nc"}
+TURBOQUANT = {"turboquant_k8": 8, "turboquant_k4": 4, "turboquant_k3": 3, "turboquant_v4": 4, "turboquant_v3": 3}
 ENGINE_FORMATS = {"fp8": 8, "fp8_e4m3": 8, "fp8_e5m2": 8, "nvfp4": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5,
-                  **PER_TOKEN_HEAD}  # name -> nominal bits
+                  **PER_TOKEN_HEAD, **TURBOQUANT}  # name -> nominal bits
 BLOCK = {"fp8": None, "fp8_e4m3": None, "fp8_e5m2": None, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32,
-         **{name: None for name in PER_TOKEN_HEAD}}
+         **{name: None for name in PER_TOKEN_HEAD}, **{name: None for name in TURBOQUANT}}
+# Formats stored per token and KV head (a scale or norm each): QuantSpec mode "per-token-head".
+TOKEN_HEAD_FORMATS = (*PER_TOKEN_HEAD, *TURBOQUANT)
 
 
 def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -77,14 +88,19 @@ def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
 # ---- FP8 E4M3 ----------------------------------------------------------------------------------
 
 
-def fp8_scale(x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
-    """fp32 scale so that the tensor's (or each head's) amax maps to E4M3's largest value."""
-    amax = x.float().abs().amax(dim=(-2, -1), keepdim=True) if per_head else x.float().abs().amax().reshape(1)
+def fp8_scale(x: torch.Tensor, per_head: bool = False, amax=None) -> torch.Tensor:
+    """fp32 scale so that ``amax`` (a calibrated constant: a number, or one per KV head) maps to
+    E4M3's largest value; without one, the tensor's (or each head's) own amax."""
+    if amax is not None:
+        amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        amax = amax.reshape(-1, 1, 1) if amax.ndim else amax.reshape(1)
+    else:
+        amax = x.float().abs().amax(dim=(-2, -1), keepdim=True) if per_head else x.float().abs().amax().reshape(1)
     return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
 
 
-def fp8_fake(x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
-    scale = fp8_scale(x, per_head)
+def fp8_fake(x: torch.Tensor, per_head: bool = False, amax=None) -> torch.Tensor:
+    scale = fp8_scale(x, per_head, amax)
     codes = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return (codes.float() * scale).to(x.dtype)
 
@@ -133,10 +149,11 @@ def e2m1_round(y: torch.Tensor) -> torch.Tensor:
     return torch.sign(y) * torch.where(pick_hi, hi, lo)
 
 
-def nvfp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(E2M1 values as float, E4M3 block scales, fp32 tensor scale)."""
+def nvfp4_quantize(x: torch.Tensor, amax=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(E2M1 values as float, E4M3 block scales, fp32 tensor scale); the tensor scale maps ``amax``
+    (a calibrated constant; default the tensor's own) to E2M1's largest value times E4M3's."""
     blocks = _blocks(x, 16)
-    amax = blocks.abs().amax()
+    amax = blocks.abs().amax() if amax is None else torch.tensor(float(amax), device=x.device)
     tensor_scale = torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax)).reshape(1)
     block_scale = (blocks.abs().amax(-1, keepdim=True) / E2M1_MAX / tensor_scale).to(torch.float8_e4m3fn)
     step = block_scale.float() * tensor_scale
@@ -148,8 +165,8 @@ def nvfp4_dequantize(values, block_scale, tensor_scale, dtype=torch.float32) -> 
     return (values * block_scale.float() * tensor_scale).flatten(-2).to(dtype)
 
 
-def nvfp4_fake(x: torch.Tensor) -> torch.Tensor:
-    return nvfp4_dequantize(*nvfp4_quantize(x), dtype=x.dtype)
+def nvfp4_fake(x: torch.Tensor, amax=None) -> torch.Tensor:
+    return nvfp4_dequantize(*nvfp4_quantize(x, amax), dtype=x.dtype)
 
 
 # ---- llama.cpp block formats --------------------------------------------------------------------
@@ -320,18 +337,42 @@ _PER_TOKEN_HEAD_CODECS = {
 # ---- one entry point per use -------------------------------------------------------------------
 
 
-def fake_quantize(x: torch.Tensor, name: str, per_head: bool = False) -> torch.Tensor:
-    """quantize → dequantize in ``name``'s format, in ``x``'s dtype."""
+# Formats whose per-tensor scale is a calibrated constant per layer (the checkpoint's k_scale/v_scale).
+CALIBRATED = ("fp8", "nvfp4")
+
+
+def fake_quantize(x: torch.Tensor, name: str, per_head: bool = False, amax=None) -> torch.Tensor:
+    """quantize → dequantize in ``name``'s format, in ``x``'s dtype. ``fp8`` and ``nvfp4`` scale by a
+    calibrated ``amax`` (a number, or one per KV head for per-head fp8); without one they run at the
+    unit scale an engine uses when the checkpoint has no KV scales. Never a scale from ``x`` itself:
+    that would read future tokens and other sequences of the batch."""
     if name == "fp8":
-        return fp8_fake(x, per_head)
+        return fp8_fake(x, per_head, E4M3_MAX if amax is None else amax)
     if name == "nvfp4":
-        return nvfp4_fake(x)
+        return nvfp4_fake(x, E2M1_MAX * E4M3_MAX if amax is None else amax)
     if name in _UNIT_SCALE_FP8:
         return fp8_unit_fake(x, name)
+    if name in TURBOQUANT_KEYS:
+        return turboquant.fake_quantize_keys(x, TURBOQUANT_KEYS[name])
+    if name in TURBOQUANT_VALUES:
+        return turboquant.fake_quantize_values(x, TURBOQUANT_VALUES[name])
     if name in _BLOCK_CODECS or name in _PER_TOKEN_HEAD_CODECS:
         quantize, dequantize = _BLOCK_CODECS.get(name) or _PER_TOKEN_HEAD_CODECS[name]
         return dequantize(*quantize(x), dtype=x.dtype)
     raise ValueError(f"unknown engine format {name!r}: expected one of {sorted(ENGINE_FORMATS)}")
+
+
+def shape_problem(name: str, head_dim: int) -> str | None:
+    """Why ``name`` cannot store heads of ``head_dim``, or None."""
+    if BLOCK.get(name) and head_dim % BLOCK[name]:
+        return f"{name} stores blocks of {BLOCK[name]} along head_dim, which does not divide head_dim {head_dim}"
+    if name == "int4_per_token_head" and head_dim % 2:
+        return f"{name} packs two values per byte: head_dim {head_dim} is odd"
+    if name in ("turboquant_k4", "turboquant_k3") and head_dim & (head_dim - 1):
+        return f"{name} rotates keys with a Hadamard matrix: head_dim {head_dim} is not a power of two"
+    if name in ("turboquant_k3", "turboquant_v3") and head_dim % 8:
+        return f"{name} packs 3-bit codes in runs of 8: head_dim {head_dim} is not a multiple of 8"
+    return None
 
 
 def nbytes(name: str, tokens: int, head_dim: int, rows: int = 1, per_head: bool = False) -> int:
@@ -350,6 +391,10 @@ def nbytes(name: str, tokens: int, head_dim: int, rows: int = 1, per_head: bool 
         return elements // 2 + elements // 16 + 4
     if name in PER_TOKEN_HEAD:  # codes, then an fp32 scale per token and head
         return elements * PER_TOKEN_HEAD[name] // 8 + 4 * rows * tokens
+    if name in TURBOQUANT_KEYS:  # vLLM's slot: codes, then an fp16 norm (none for FP8 keys)
+        return rows * tokens * turboquant.key_packed_size(TURBOQUANT_KEYS[name], head_dim)
+    if name in TURBOQUANT_VALUES:  # codes, then fp16 scale and minimum
+        return rows * tokens * turboquant.value_packed_size(TURBOQUANT_VALUES[name], head_dim)
     if name in _BLOCK_BYTES:  # codes, then an fp16 scale (and minimum) per block of 32
         code_bits, extra = _BLOCK_BYTES[name]
         return elements * code_bits // 8 + extra * (elements // 32)
@@ -377,13 +422,17 @@ VLLM_DTYPES = {
     "fp8": ("fp8", "fp8"),
     "nvfp4": ("nvfp4", "nvfp4"),
     **{name: (name, name) for name in PER_TOKEN_HEAD},
+    "turboquant_k8v4": ("turboquant_k8", "turboquant_v4"),
+    "turboquant_4bit_nc": ("turboquant_k4", "turboquant_v4"),
+    "turboquant_k3v4_nc": ("turboquant_k3", "turboquant_v4"),
+    "turboquant_3bit_nc": ("turboquant_k3", "turboquant_v3"),
 }
 # The dtypes vLLM's CPU attention backend runs (cpu_attn.py's list; it checks nothing else and
 # stores bf16 into the buffers of other dtypes, which is garbage).
 VLLM_CPU_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
 # A search over one of these sets is a search over the skipped set for that dtype.
 _VLLM_RELEASED = {"vllm-fp8": "fp8_e4m3", "vllm-fp8_e5m2": "fp8_e5m2", "vllm-fp8-scaled": "fp8", "vllm-nvfp4": "nvfp4",
-                  **{f"vllm-{name}": name for name in PER_TOKEN_HEAD}}
+                  **{f"vllm-{name}": name for name in VLLM_DTYPES if name.endswith("per_token_head") or name.startswith("turboquant")}}
 
 
 def vllm_pair(dtype: str) -> str:
@@ -394,11 +443,10 @@ def vllm_pair(dtype: str) -> str:
 
 def vllm_forced_skips(dtype: str, num_layers: int, hybrid: bool = False) -> list[int]:
     """Layers vLLM keeps unquantized whatever the skip list says (engine/arg_utils.py unions them in):
-    for TurboQuant the first and last min(2, L // 2) layers of a dense model, none of a hybrid one."""
-    if not dtype.startswith("turboquant_") or hybrid:
-        return []
-    n = min(2, num_layers // 2)
-    return sorted(set(range(n)) | set(range(num_layers - n, num_layers)))
+    TurboQuant's boundary layers (:func:`kvtune.turboquant.boundary_skip_layers`), none for the rest."""
+    return turboquant.boundary_skip_layers(num_layers, hybrid) if dtype.startswith("turboquant_") else []
+
+
 _LLAMA_CPP_TYPES = ("16", "[q8_0]", "[q4_0]", "[q4_1]")  # f16 and the block types; K and V chosen apart
 _LLAMA_CPP_PAIRS = tuple(f"k{k}v{v}" for k in _LLAMA_CPP_TYPES for v in _LLAMA_CPP_TYPES)
 # llama.cpp's cache types including its 5-bit ones (q5_0, q5_1): 36 pairs.

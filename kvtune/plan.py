@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from kvtune.errors import PlanError
-from kvtune.formats import ENGINE_FORMATS
+from kvtune.formats import ENGINE_FORMATS, shape_problem
 from kvtune.quant import FULL_BITS, MAX_GROUP, QuantSpec
 
 SCHEMA = "kvtune.plan"
-SCHEMA_VERSION = 2  # 2: K and V may name an engine format (fp8, nvfp4, q8_0, …); version 1 files still load
-READABLE_VERSIONS = (1, 2)
+# 2: K and V may name an engine format (fp8, nvfp4, q8_0, …); 3: fp8/nvfp4 may carry a calibrated
+# "amax". Older files still load.
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 # KIVI's layout: keys per-channel (outlier channels get their own scale), values per-token.
 DEFAULT_KEY_MODE = "per-channel"
@@ -329,11 +331,9 @@ class Plan:
             raise PlanError(f"plan was written for a model of {self.shape.describe()}, but {model_name} has {shape.describe()}")
         for i, layer in enumerate(self.layers):
             for which, spec in (("key", layer.key), ("value", layer.value)):
-                if spec.is_engine and spec.mode == "per-block" and shape.head_dim % spec.group_size:
-                    raise PlanError(
-                        f"layer {i} {which}: {spec.format} stores blocks of {spec.group_size} along head_dim, "
-                        f"which does not divide head_dim {shape.head_dim} of {model_name}"
-                    )
+                problem = shape_problem(spec.format, shape.head_dim) if spec.is_engine else None
+                if problem:
+                    raise PlanError(f"layer {i} {which}: {problem} of {model_name}")
                 if spec.is_quantized and spec.mode == "per-token" and shape.head_dim % spec.group_size:
                     raise PlanError(
                         f"layer {i} {which}: per-token group_size {spec.group_size} does not divide "
@@ -419,7 +419,10 @@ def _spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
     if not spec.is_quantized:
         return {"format": "fp16", "bits": FULL_BITS}
     if spec.is_engine:
-        return {"format": spec.format, "bits": spec.bits, "mode": spec.mode, "group_size": spec.group_size}
+        out = {"format": spec.format, "bits": spec.bits, "mode": spec.mode, "group_size": spec.group_size}
+        if spec.amax is not None:
+            out["amax"] = list(spec.amax) if isinstance(spec.amax, tuple) else spec.amax
+        return out
     return {"format": "int", "bits": spec.bits, "mode": spec.mode, "group_size": spec.group_size}
 
 
@@ -434,14 +437,17 @@ def _spec_from_data(data: Any, default_mode: str, where: str) -> QuantSpec:
         data = {"bits": data}
     if not isinstance(data, dict):
         raise PlanError(f"{where}: expected an object like {{'format': 'int', 'bits': 4}} or a bit width")
-    _refuse_unknown(data, {"format", "bits", "mode", "group_size"}, where)
+    _refuse_unknown(data, {"format", "bits", "mode", "group_size", "amax"}, where)
     fmt = data.get("format", "fp16" if data.get("bits") == FULL_BITS else "int")
     if fmt == "fp16":
         if data.get("bits", FULL_BITS) != FULL_BITS:
             raise PlanError(f"{where}: format 'fp16' has 16 bits, not {data.get('bits')!r}")
         return QuantSpec(FULL_BITS)
     if fmt in ENGINE_FORMATS:
-        spec = QuantSpec.engine(fmt, per_head=data.get("mode") == "per-head")
+        try:
+            spec = QuantSpec.engine(fmt, per_head=data.get("mode") == "per-head", amax=data.get("amax"))
+        except PlanError as e:
+            raise PlanError(f"{where}: {e}") from None
         for name in ("bits", "mode", "group_size"):
             if name in data and data[name] != getattr(spec, name):
                 raise PlanError(f"{where}: format {fmt!r} has {name} {getattr(spec, name)!r}, not {data[name]!r}")

@@ -63,14 +63,17 @@ class QuantSpec:
     mode: str = "per-token"
     group_size: int = 32
     format: str = "int"
+    # fp8 / nvfp4: the calibrated amax their per-tensor (fp8 per-head: per-head) scale maps to the
+    # format's largest value; None: unit scale (kvtune.formats.fake_quantize).
+    amax: float | tuple[float, ...] | None = None
 
     @classmethod
-    def engine(cls, name: str, per_head: bool = False) -> QuantSpec:
+    def engine(cls, name: str, per_head: bool = False, amax=None) -> QuantSpec:
         from kvtune.formats import ENGINE_FORMATS
 
         if name not in ENGINE_FORMATS:
             raise PlanError(f"unknown KV format {name!r}: expected one of {sorted(ENGINE_FORMATS)} or an integer width")
-        return cls(ENGINE_FORMATS[name], "per-head" if per_head else "per-tensor", 32, name)
+        return cls(ENGINE_FORMATS[name], "per-head" if per_head else "per-tensor", 32, name, amax)
 
     @property
     def is_engine(self) -> bool:
@@ -83,12 +86,13 @@ class QuantSpec:
 
     def __post_init__(self):
         if self.is_engine:
-            from kvtune.formats import BLOCK, ENGINE_FORMATS, PER_TOKEN_HEAD
+            from kvtune.formats import BLOCK, CALIBRATED, ENGINE_FORMATS, TOKEN_HEAD_FORMATS
 
             if self.format not in ENGINE_FORMATS:
                 raise PlanError(f"unknown KV format {self.format!r}: expected 'int' or one of {sorted(ENGINE_FORMATS)}")
+            self._check_amax(self.format in CALIBRATED)
             object.__setattr__(self, "bits", ENGINE_FORMATS[self.format])
-            if self.format in PER_TOKEN_HEAD:
+            if self.format in TOKEN_HEAD_FORMATS:
                 object.__setattr__(self, "mode", "per-token-head")
                 object.__setattr__(self, "group_size", 32)
             elif BLOCK[self.format] is None:  # the FP8 formats: a scale per tensor (fp8 also per head), no blocks
@@ -99,6 +103,7 @@ class QuantSpec:
                 object.__setattr__(self, "mode", "per-block")
                 object.__setattr__(self, "group_size", BLOCK[self.format])
             return
+        self._check_amax(False)
         if not _is_int(self.bits) or self.bits not in BITS:
             raise PlanError(f"unknown bit width {self.bits!r}: expected one of the integers {list(BITS)}")
         if self.bits == FULL_BITS:  # mode and group mean nothing unquantized: one canonical form
@@ -108,6 +113,22 @@ class QuantSpec:
             raise PlanError(f"unknown quantization mode {self.mode!r}: expected one of {list(MODES)}")
         if not _is_int(self.group_size) or not 0 < self.group_size <= MAX_GROUP:
             raise PlanError(f"group_size must be an integer from 1 to {MAX_GROUP}, got {self.group_size!r}")
+
+    def _check_amax(self, allowed: bool) -> None:
+        amax = self.amax
+        if amax is None:
+            return
+        if not allowed:
+            raise PlanError(f"a calibrated amax applies to fp8 and nvfp4 only, not {self.label}")
+        values = amax if isinstance(amax, (list, tuple)) else (amax,)
+        if not values or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 < a < float("inf") for a in values):
+            raise PlanError(f"{self.format} amax must be a positive finite number (or one per KV head), got {amax!r}")
+        if isinstance(amax, (list, tuple)):
+            object.__setattr__(self, "amax", tuple(float(a) for a in amax))
+            if self.mode != "per-head":
+                raise PlanError(f"{self.format}: one amax per KV head needs mode 'per-head'")
+        else:
+            object.__setattr__(self, "amax", float(amax))
 
     @property
     def is_quantized(self) -> bool:
@@ -162,8 +183,11 @@ class QuantSpec:
 def check_shape(tokens: int, head_dim: int, spec: QuantSpec) -> None:
     """The one place that states which shapes a spec can quantize."""
     if spec.is_engine:
-        if spec.mode == "per-block" and head_dim % spec.group_size:
-            raise ValueError(f"head_dim {head_dim} is not a multiple of {spec.format}'s block of {spec.group_size}")
+        from kvtune.formats import shape_problem
+
+        problem = shape_problem(spec.format, head_dim)
+        if problem:
+            raise ValueError(problem)
         return
     if any(head_dim % (8 // width) for width in PLANES[spec.bits]):
         raise ValueError(f"head_dim {head_dim} cannot be packed at {spec.bits} bits (planes of {PLANES[spec.bits]} bits)")
@@ -342,6 +366,6 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if spec.is_engine:
         from kvtune import formats
 
-        return formats.fake_quantize(x, spec.format, per_head=spec.mode == "per-head")
+        return formats.fake_quantize(x, spec.format, per_head=spec.mode == "per-head", amax=spec.amax)
     scale, zero = choose_qparams(x, spec)
     return dequantize_codes(quantize_codes(x, scale, zero, spec), scale, zero, spec, x.dtype)

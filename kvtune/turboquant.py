@@ -14,6 +14,7 @@ One slot per token per KV head, fp16 fields little-endian, padded to even size:
 each run of 8 elements into 3 bytes, element j at bits 3j..3j+2.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -86,22 +87,15 @@ def nominal_bits(preset) -> tuple[int, int]:
 def boundary_skip_layers(num_layers: int, hybrid: bool = False) -> list[int]:
     """Layers vLLM always keeps at the model dtype for turboquant_* presets.
 
-    TurboQuantConfig.get_boundary_skip_layers: first 2 and last 2 layers, but
-    never more than half of them (n = min(2, num_layers // 2)); nothing for
-    hybrid (attention + Mamba/linear) models.
+    TurboQuantConfig.get_boundary_skip_layers: the first and last
+    n = min(2, num_layers // 2) layers (so 1 layer: none, 3: [0, 2], 4: all),
+    counted over hf_text_config.num_hidden_layers; nothing for hybrid
+    (attention + Mamba/linear) models.
     """
     if hybrid or num_layers <= 0:
         return []
     n = min(2, num_layers // 2)
     return sorted(set(range(n)) | set(range(num_layers - n, num_layers)))
-
-
-FORCED_SKIP = boundary_skip_layers  # the name kvtune's callers look for
-
-
-def unquantized_layers(num_layers: int, skip_layers=(), hybrid: bool = False) -> list[int]:
-    """engine/arg_utils.py: --kv-cache-dtype-skip-layers is unioned with (never replaces) the boundary."""
-    return sorted(set(int(i) for i in skip_layers) | set(boundary_skip_layers(num_layers, hybrid)))
 
 
 # ---------------------------------------------------------------- codebook
@@ -124,6 +118,13 @@ def lloyd_max_centroids(head_dim: int, bits: int) -> torch.Tensor:
     Lloyd-Max levels for N(0, 1/D), the distribution of one coordinate of a
     rotated unit vector; integrals by a 200-step trapezoid rule.
     """
+    return torch.tensor(_lloyd_max_levels(head_dim, bits), dtype=torch.float32)
+
+
+# A memo of a pure function (same arguments, same levels): the solve takes ~0.5 s and the
+# simulation asks for it at every layer of every forward.
+@functools.lru_cache(maxsize=64)
+def _lloyd_max_levels(head_dim: int, bits: int) -> tuple[float, ...]:
     n_levels = 2**bits
     sigma2 = 1.0 / head_dim
     sigma = math.sqrt(sigma2)
@@ -152,7 +153,7 @@ def lloyd_max_centroids(head_dim: int, bits: int) -> torch.Tensor:
         if max(abs(new[i] - centroids[i]) for i in range(n_levels)) < 1e-10:
             break  # vLLM keeps the previous iterate on convergence
         centroids = new
-    return torch.tensor(centroids, dtype=torch.float32)
+    return tuple(centroids)
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,7 @@ class Codebook:
 
 
 def codebook(preset, head_dim: int) -> Codebook | None:
-    """Tables for an MSE-key preset (None for FP8 keys). ~1 s to build: pass it
-    to the functions below to reuse it; nothing is cached here."""
+    """Tables for an MSE-key preset (None for FP8 keys); pass it to the functions below to reuse it."""
     p = _preset(preset)
     if p.key_fp8:
         return None

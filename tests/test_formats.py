@@ -50,7 +50,7 @@ def test_vllm_cpu_rounds_fp8_toward_zero():
 def test_released_vllm_sets_pair_one_dtype_with_16_bit():
     assert resolve_formats("vllm-fp8") == ["K16V16", "K[fp8_e4m3]V[fp8_e4m3]"]
     assert resolve_formats("vllm-nvfp4") == ["K16V16", "K[nvfp4]V[nvfp4]"]
-    assert len(resolve_formats("vllm-released")) == 5
+    assert len(resolve_formats("vllm-released")) == 1 + len(formats.VLLM_DTYPES)
     assert "K[fp8]V[nvfp4]" not in resolve_formats("vllm-layerwise")  # the layer-wise PRs refuse FP8-K/NVFP4-V
 
 
@@ -120,8 +120,14 @@ def test_pairs_name_engine_formats_and_sets_resolve():
 def test_plan_schema_holds_engine_formats_and_old_plans_load():
     plan = Plan.uniform("k[fp8]v[nvfp4]", 2)
     data = plan.to_dict()
-    assert data["schema_version"] == 2 and data["layers"][0]["value"] == {"format": "nvfp4", "bits": 4, "mode": "per-block", "group_size": 16}
+    assert data["schema_version"] == 3 and data["layers"][0]["value"] == {"format": "nvfp4", "bits": 4, "mode": "per-block", "group_size": 16}
     assert Plan.from_dict(data).layers == plan.layers
+    calibrated = {**data, "layers": [{**entry, "key": {**entry["key"], "amax": 7.5}} for entry in data["layers"]]}
+    assert Plan.from_dict(calibrated).layers[0].key.amax == 7.5
+    with pytest.raises(PlanError, match="layer 0 key: fp8 amax must be a positive finite number"):
+        Plan.from_dict({**data, "layers": [{**entry, "key": {**entry["key"], "amax": -1}} for entry in data["layers"]]})
+    with pytest.raises(PlanError, match="amax applies to fp8 and nvfp4 only"):
+        QuantSpec.engine("q8_0", amax=3.0)
     v1 = {"schema": "kvtune.plan", "schema_version": 1, "layers": [
         {"layer": 0, "key": {"format": "int", "bits": 4, "mode": "per-channel", "group_size": 32},
          "value": {"format": "fp16", "bits": 16}, "residual": 32}]}

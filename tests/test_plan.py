@@ -25,7 +25,7 @@ def test_json_round_trip_is_lossless(tmp_path):
     loaded = Plan.load(path)
     assert loaded == plan
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
-    assert json.loads(path.read_text())["schema_version"] == 2
+    assert json.loads(path.read_text())["schema_version"] == 3
 
 
 def test_friendly_forms_are_accepted():
@@ -68,7 +68,7 @@ def _mutated(fn):
         ("{not json", "not valid JSON"),
         ([1, 2], "must be a JSON object"),
         (_mutated(lambda d: d.update(schema="other")), "not a kvtune plan"),
-        (_mutated(lambda d: d.update(schema_version=3)), "schema_version 3 is not supported"),
+        (_mutated(lambda d: d.update(schema_version=4)), "schema_version 4 is not supported"),
         (_mutated(lambda d: d.pop("schema_version")), "schema_version None is not supported"),
         (_mutated(lambda d: d.update(extra=1)), r"unknown field\(s\) \['extra'\]"),
         (_mutated(lambda d: d.update(layers=[])), "non-empty list"),

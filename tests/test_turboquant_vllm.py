@@ -42,7 +42,7 @@ def test_bytes_round_trip_equals_fake_quantize(preset, head_dim):
     assert torch.equal(tq.dequantize_values(vc.data, preset, head_dim), tq.fake_quantize_values(v, preset))
     slot = tq.pack_slot(kc, vc)
     assert slot.shape[-1] == tq.bytes_per_token(preset, head_dim)
-    # Quantization error well under the signal, and a different preset family is really different.
+    # Quantization error well under the signal.
     assert (k_hat - k).norm() < 0.25 * k.norm()
     assert (tq.fake_quantize_values(v, preset) - v).norm() < 0.25 * v.norm()
 
@@ -115,9 +115,7 @@ def test_boundary_skip_layers():
     table = {0: [], 1: [], 2: [0, 1], 3: [0, 2], 4: [0, 1, 2, 3], 5: [0, 1, 3, 4], 32: [0, 1, 30, 31]}
     for n, expected in table.items():
         assert tq.boundary_skip_layers(n) == expected
-        assert tq.FORCED_SKIP(n) == expected
     assert tq.boundary_skip_layers(32, hybrid=True) == []
-    assert tq.unquantized_layers(32, ["5", "31"]) == [0, 1, 5, 30, 31]
 
 
 # ---------------------------------------------------------------- against vLLM
@@ -236,7 +234,9 @@ def test_store_bytes_bit_exact(vllm_tq, preset, head_dim, dtype):
         assert same.float().mean() > 0.9
         assert torch.all(_fp8_round_to_nearest_even(x, ref[..., :kps]))
         assert not torch.any(_fp8_round_to_nearest_even(x, got[..., :kps])[~same])
-    assert torch.all(cache.cpu().reshape(64, hk, -1)[:, :, cfg.slot_size:] == 0xA5)  # pad never written
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[slots[keep].long()] = False
+    assert torch.all(cache.cpu().reshape(64, hk, -1)[untouched] == 0xA5)  # incl. the -1 token's
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
@@ -267,8 +267,9 @@ def test_decode_attention_matches_fake_quantized(vllm_tq, preset, head_dim, dtyp
                        for i, n in enumerate(lens)]).to(torch.int32)
     cache, (h, c) = _store(vllm_tq, cfg, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), num_blocks=6)
     scale = 1.0 / math.sqrt(head_dim)
-    out = vllm_tq.decode(q.to(DEVICE), cache, block_table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE),
-                         h, c, scale, mse_bits=cfg.key_mse_bits, key_packed_size=cfg.key_packed_size,
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = vllm_tq.decode(q.to(DEVICE), cache, block_table.to(DEVICE), seq_lens, h, c, scale,
+                         mse_bits=cfg.key_mse_bits, key_packed_size=cfg.key_packed_size,
                          value_quant_bits=cfg.effective_value_quant_bits, key_fp8=cfg.key_fp8,
                          norm_correction=cfg.norm_correction, PiT=h, max_num_kv_splits=4).float().cpu()
 
@@ -282,9 +283,9 @@ def test_decode_attention_matches_fake_quantized(vllm_tq, preset, head_dim, dtyp
             start += n
         return torch.stack(res)
 
-    ref = attend(tq.fake_quantize_keys(k, preset, dtype=torch.float32),
+    ref = attend(tq.fake_quantize_keys(k, preset, tq.codebook(preset, head_dim), dtype=torch.float32),
                  tq.fake_quantize_values(v, preset, dtype=torch.float32))
     rtol = 2**-7 if dtype == torch.bfloat16 else 1e-4
-    print("DIFF", preset, head_dim, dtype, (out - ref).abs().max().item(), ((out - ref).abs() / ref.abs().clamp_min(1e-3)).max().item())
     torch.testing.assert_close(out, ref, rtol=rtol, atol=1e-4)
-    assert (out - attend(k, v)).abs().max() > 1e-4 + rtol * ref.abs().max()  # quantization is visible
+    # Teeth: the same check against unquantized K/V must fail by far.
+    assert not torch.allclose(out, attend(k, v), rtol=rtol, atol=1e-4)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from kvtune.errors import ProfileError
+from kvtune.profiling.calibrate import amax_problem
 from kvtune.plan import ModelShape, candidate_name, parse_candidate
 
 SCHEMA = "kvtune.profile"
@@ -125,6 +126,8 @@ def _validate(table: pd.DataFrame, meta, where: Path) -> None:
     if len(set(pairs)) != len(pairs):
         raise ProfileError(f"{where}/{META_FILE}: 'pairs' lists a pair twice")
     _validate_settings(meta.get("settings"), f"{where}/{META_FILE}")
+    if "amax" in meta and (problem := amax_problem(meta["amax"], shape.num_layers)):
+        raise ProfileError(f"{where}/{META_FILE}: {problem}")
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise ProfileError(f"{where}/{TABLE_FILE}: missing columns {missing}")

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from kvtune.formats import CALIBRATED
 from kvtune.plan import FULL_BITS, Label, LayerPlan, candidate_name, candidate_suffix, parse_candidate, spec_from_label
 from kvtune.quant import QuantSpec
 from kvtune.simulate import causal_softmax, fake_quantize_prefix, seen_quantized
@@ -61,6 +62,9 @@ class Candidates:
     value_mode: str
     group_size: int
     residual: int
+    # fp8 / nvfp4 sides: {"key": [amax per layer], "value": [...]}, their calibrated scales
+    # (kvtune.profiling.calibrate); None: unit scale.
+    amax: dict | None = None
 
     def __post_init__(self):
         entries = []
@@ -80,16 +84,20 @@ class Candidates:
         own = lambda label: Side(label, group, residual) if isinstance(label, int) and label != FULL_BITS else Side(label)  # noqa: E731
         return own(k), own(v)
 
-    def spec(self, side: Side, which: str) -> QuantSpec:
+    def spec(self, side: Side, which: str, layer: int | None = None) -> QuantSpec:
+        """How ``side`` stores K or V; fp8 / nvfp4 with ``layer``'s calibrated amax where there is one."""
+        if side.label in CALIBRATED and self.amax is not None and layer is not None:
+            return QuantSpec.engine(side.label, amax=self.amax[which][layer])
         mode = self.key_mode if which == "key" else self.value_mode
         return spec_from_label(side.label, mode, self.group_size if side.group is None else side.group)
 
     def window(self, side: Side) -> int:
         return self.residual if side.residual is None else side.residual
 
-    def layer_plan(self, k: Label, v: Label, group: int | None = None, residual: int | None = None) -> LayerPlan:
+    def layer_plan(self, k: Label, v: Label, group: int | None = None, residual: int | None = None,
+                   layer: int | None = None) -> LayerPlan:
         key, value = self.sides(k, v, group, residual)
-        return LayerPlan(self.spec(key, "key"), self.spec(value, "value"), self.residual if residual is None else residual)
+        return LayerPlan(self.spec(key, "key", layer), self.spec(value, "value", layer), self.residual if residual is None else residual)
 
     def key_spec(self, label: Label) -> QuantSpec:
         return self.spec(Side(label), "key")
@@ -115,9 +123,9 @@ class Candidates:
     def seen(self, side: Side, which: str, length: int, device=None) -> torch.Tensor:
         return seen_quantized(self.spec(side, which), self.window(side), length, device)
 
-    def shifted(self, x: torch.Tensor, side: Side, which: str) -> torch.Tensor:
+    def shifted(self, x: torch.Tensor, side: Side, which: str, layer: int | None = None) -> torch.Tensor:
         """``x`` as the store serves it: the quantized prefix fake-quantized, the window exact."""
-        return fake_quantize_prefix(x, self.spec(side, which), self.window(side))
+        return fake_quantize_prefix(x, self.spec(side, which, layer), self.window(side))
 
 
 @dataclass
@@ -184,7 +192,7 @@ class Probe:
         v_rep = v.repeat_interleave(groups, 1)
         value_seen, v_shift = {}, {}
         for side in self.c.value_sides:
-            v_shift[side] = self.c.shifted(v, side, "value") - v  # (B, Hkv, T, D)
+            v_shift[side] = self.c.shifted(v, side, "value", layer) - v  # (B, Hkv, T, D)
             pattern = self.c.pattern(side, "value")
             if pattern not in value_seen:
                 value_seen[pattern] = self.c.seen(side, "value", length, q.device).to(q.dtype)
@@ -203,7 +211,7 @@ class Probe:
         for key_side in [Side(FULL_BITS)] + self.c.key_sides:
             scores = exact_scores
             if not key_side.is_full:
-                k_hat = self.c.shifted(k, key_side, "key").repeat_interleave(groups, 1)
+                k_hat = self.c.shifted(k, key_side, "key", layer).repeat_interleave(groups, 1)
                 scores = torch.where(self.c.seen(key_side, "key", length, q.device), torch.matmul(q, k_hat.transpose(-1, -2)),
                                      exact_scores)
             probs = causal_softmax(scores, scaling, mask, q.dtype, softcap, sinks)
@@ -232,7 +240,7 @@ class Probe:
                                              ("v", "value", cap.value, cap.dv, self.c.value_sides)):
             for side in sides:
                 grad_of_pattern = grad[self.c.pattern(side, which)].grad
-                gd = (grad_of_pattern * (self.c.shifted(x, side, which) - x)).double().flatten(1)
+                gd = (grad_of_pattern * (self.c.shifted(x, side, which, layer) - x)).double().flatten(1)
                 terms[name][side.name] = torch.stack([gd.sum(1), gd.abs().sum(1), gd.pow(2).sum(1)], dim=1)
         return terms
 

@@ -58,6 +58,8 @@ from kvtune.plan import (
 )
 from kvtune.profiling.artifact import HEATMAP_FILE, SCHEMA, SCHEMA_VERSION, Profile, save_heatmap, spearman
 from kvtune.profiling.measure import LayerReplay
+from kvtune.formats import CALIBRATED
+from kvtune.profiling.calibrate import amax_problem, calibrate_amax
 from kvtune.profiling.probe import Candidates, Probe, probing
 
 DEFAULT_FORMATS = "int+g"  # the --formats set profiled unless another is asked for (kvtune.formats.FORMAT_SETS)
@@ -257,6 +259,8 @@ def _read_progress(path: Path, settings: ProfileSettings) -> dict:
             raise bad(f"measured entry {key!r} is not a pair of numbers")
     if not all(isinstance(v, (int, float)) for v in data["timings"].values()):
         raise bad("'timings' must map names to seconds")
+    if data.get("amax") is not None and stage1 is not None and (problem := amax_problem(data["amax"], len(stage1["reference"]))):
+        raise bad(problem)
     return data
 
 
@@ -415,6 +419,12 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
     model.requires_grad_(False)  # gradients are wanted for K/V only
     device = input_device(model)
 
+    if any(label in CALIBRATED for p in c.pairs for label in p[:2]):
+        # fp8 / nvfp4 scales: one constant per layer from the calibration text, before anything uses them.
+        if state.data.get("amax") is None:
+            state.data["amax"] = calibrate_amax(model, windows, settings.batch_size)
+            state.save()
+        c.amax = state.data["amax"]
     acc = state.data["stage1"] or _new_stage1(shape.num_layers, c)
     batches = list(range(0, len(windows), settings.batch_size))
     start = time.perf_counter()
@@ -431,9 +441,9 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
     if targets:
         start = time.perf_counter()
         replay = LayerReplay(model, windows[: settings.validate_windows].to(device))
-        plans = dict(zip(c.names, (c.layer_plan(*p) for p in c.pairs)))
+        pairs = dict(zip(c.names, c.pairs))
         for layer, name in tqdm(targets, desc="profile: measured single-layer impact", disable=not progress):
-            state.data["measured"][f"{layer}:{name}"] = replay.single_layer_impact(layer, plans[name])
+            state.data["measured"][f"{layer}:{name}"] = replay.single_layer_impact(layer, c.layer_plan(*pairs[name], layer=layer))
             state.data["timings"]["stage2_s"] = state.data["timings"].get("stage2_s", 0.0) + time.perf_counter() - start
             start = time.perf_counter()
             state.save()
@@ -451,6 +461,7 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
         "data": {"name": settings.data, "split": "calibration", "seq_len": settings.seq_len, "windows": settings.windows,
                  "validation_windows": settings.validate_windows},
         "tokens": acc["tokens"],
+        **({"amax": c.amax} if c.amax is not None else {}),
         "timings": state.data["timings"],
         "summary": _summary(table, c, settings),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +25,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kvtune.errors import ModelError
+from kvtune.formats import CALIBRATED
 from kvtune.plan import LayerPlan, ModelShape, Plan, fit_candidate, parse_candidate
 from kvtune.profiling.artifact import Profile
+from kvtune.quant import QuantSpec
 from kvtune.search.budget import Budget, BudgetError, parse_budget
 from kvtune.search.exact import evaluate, exact_optimum
 from kvtune.search.nsga import nsga2_front
@@ -126,9 +129,19 @@ def _budget_text(budget: Budget, value: float) -> str:
 
 
 def plan_from_pairs(profile: Profile, pair_indices: list[int], name: str, metadata: dict | None = None) -> Plan:
+    """A plan of one profile column per layer; fp8 / nvfp4 sides carry the profile's calibrated amax."""
     candidates = layer_plans(profile)
+    amax = profile.meta.get("amax")
+
+    def calibrated(spec: QuantSpec, which: str, layer: int) -> QuantSpec:
+        if amax is None or spec.format not in CALIBRATED:
+            return spec
+        return dataclasses.replace(spec, amax=amax[which][layer])
+
+    layers = [LayerPlan(calibrated(candidates[j].key, "key", i), calibrated(candidates[j].value, "value", i), candidates[j].residual)
+              for i, j in enumerate(pair_indices)]
     return Plan(
-        tuple(candidates[j] for j in pair_indices),
+        tuple(layers),
         name=name,
         model=profile.meta.get("model", ""),
         shape=profile.shape,
