@@ -316,8 +316,11 @@ def _report_search(result, out: Path) -> None:
         typer.echo(f"note: {note}")
     for space in meta["space"].get("spaces", [meta["space"]]):
         label = f"space {space['name']}" if space.get("name") not in (None, "kvtune") else "space"
-        if "enumerated_plans" in space:
+        if "enumerated_plans" in space and "groups" not in space:
             typer.echo(f"{label}: every plan {meta['target']} can run enumerated; {space['enumerated_plans']} on the exact front")
+        elif "enumerated_plans" in space:
+            typer.echo(f"{label}: {space['enumerated_plans']} plans after pruning and clustering into {len(space['groups'])} "
+                       "groups, every one evaluated (exact front)")
         elif "skipped" in space:
             typer.echo(f"{label}: {space['skipped']}")
         else:

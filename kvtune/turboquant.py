@@ -243,12 +243,15 @@ def quantize_keys(k: torch.Tensor, preset, cb: Codebook | None = None) -> KeyCod
 def _decode_keys(p, codes, norm, cb, d) -> torch.Tensor:
     if p.key_fp8:
         return codes.view(torch.float8_e4m3fn).float()
-    c = cb.centroids.to(codes.device)[codes.long()]
+    # In float64: the kernel's float32 sums run in its own order anyway, and float64 keeps the
+    # result the same whatever number of tokens is decoded at once (a float32 matmul's rounding
+    # depends on the batch shape), so prefill simulation and token-by-token decoding agree.
+    c = cb.centroids.to(codes.device, torch.float64)[codes.long()]
     if p.norm_correction:
         c = c * (1.0 / torch.sqrt((c * c).sum(-1, keepdim=True) + 1e-16))
     # Decode scores (q @ PiT) . c == q . (c @ PiT.T): un-rotate the centroids
     # instead of rotating the query; the fp16 norm scales the score.
-    return norm.float().unsqueeze(-1) * (c @ cb.rotation.to(c.device).T)
+    return norm.double().unsqueeze(-1) * (c @ cb.rotation.to(c.device, torch.float64).T)
 
 
 def dequantize_keys(data: torch.Tensor, preset, head_dim: int, cb: Codebook | None = None,

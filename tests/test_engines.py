@@ -26,6 +26,31 @@ def test_vllm_capacity_follows_the_skipped_layers():
     assert vllm_cache_tokens(Plan.uniform("k[fp8_e4m3]v[fp8_e4m3]", 30), SMOLLM2, 64 << 20, 128, "float32") == 5760
 
 
+def test_vllm_capacity_counts_per_token_scales_and_turboquant_slots():
+    """Bytes per token per layer as vLLM allocates them (its slot sizes: per-token-head dtypes store
+    hs + 4 bytes per side and head, int4 hs/2 + 4; TurboQuant k8v4 100 bytes per head at hs 64)."""
+    for pair, per_head in (("k[int8_per_token_head]v[int8_per_token_head]", 136), ("k[int4_per_token_head]v[int4_per_token_head]", 72),
+                           ("k[turboquant_k8]v[turboquant_v4]", 100), ("k[fp8]v[fp8]", 128)):
+        plan = Plan.uniform(pair, 30)
+        per_token = 30 * 3 * per_head
+        assert vllm_cache_tokens(plan, SMOLLM2, 64 << 20, 16, "float32") == (64 << 20) // (per_token * 16) * 16
+
+
+def test_verify_refuses_dtypes_the_vllm_build_cannot_run():
+    engines.check_vllm_dtype("fp8_e4m3", "cpu")
+    engines.check_vllm_dtype("int4_per_token_head", "cuda")
+    for dtype in ("nvfp4", "int8_per_token_head", "turboquant_4bit_nc"):
+        with pytest.raises(EngineError, match="CPU build cannot run"):
+            engines.check_vllm_dtype(dtype, "cpu")
+
+
+def test_the_verdict_counts_the_standard_error():
+    assert engines.verdict(0.004, 0.001, 0.01) == "agrees"
+    assert engines.verdict(0.004, 0.004, 0.01) == "undecided"  # 0.004 + 2·0.004 > 0.01: the windows cannot tell
+    assert engines.verdict(-0.03, 0.005, 0.01) == "disagrees"
+    assert engines.verdict(0.012, 0.002, 0.01) == "undecided"
+
+
 def test_llama_cpp_flags_become_context_parameters_and_its_log_is_read_back():
     payload = {"args": ["--cache-type-k", "q4_0", "--cache-type-v", "q4_1", "--cache-type-k-first", "q8_0,1",
                         "--cache-type-k-last", "f16,1"]}

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
+from kvtune import formats
 from kvtune.cache import _Stream
+from kvtune.formats import ENGINE_FORMATS
 from kvtune.perplexity import decode_token_nll, perplexity, token_nll
 from kvtune.plan import LayerPlan, Plan
 from kvtune.quant import QuantSpec
@@ -83,13 +85,49 @@ def test_default_model_simulated_ppl_agrees_with_decoding(default_model):
     assert torch.allclose(simulated, decoded, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("key, value", [("q8_0", "q4_1"), ("q4_0", None)])
-def test_simulated_engine_formats_equal_decoding_through_the_cache(key, value):
-    """Block formats quantize each token on its own, so prefill simulation and decode agree exactly."""
+def _engine_layer(name: str) -> LayerPlan:
+    """``name`` on both sides where it is a K and V format (TurboQuant codecs take their side);
+    fp8 and nvfp4 with calibrated amax constants."""
+    from kvtune.formats import CALIBRATED, TURBOQUANT_KEYS, TURBOQUANT_VALUES
+
+    amax = {"key": 3.5, "value": 2.5} if name in CALIBRATED else {"key": None, "value": None}
+    key = "turboquant_k4" if name in TURBOQUANT_VALUES else name
+    value = "turboquant_v4" if name in TURBOQUANT_KEYS else name
+    return LayerPlan(QuantSpec.engine(key, amax=amax["key"]), QuantSpec.engine(value, amax=amax["value"]), 5)
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_FORMATS))
+def test_simulated_engine_formats_equal_decoding_through_the_cache(name):
+    """Every engine format quantizes each token with constants fixed in advance, and a token reads
+    its own K/V as stored: prefill simulation and token-by-token decoding agree exactly."""
     torch.manual_seed(1)
     q = torch.randn(1, 4, 20, 32, dtype=torch.float64)
     k, v = torch.randn(1, 2, 20, 32, dtype=torch.float64), torch.randn(1, 2, 20, 32, dtype=torch.float64)
-    layer = LayerPlan(QuantSpec.engine(key), QuantSpec.engine(value) if value else QuantSpec(4, "per-token", 16), 5)
+    layer = _engine_layer(name)
     sim = simulated_attention(q, k, v, layer, 0.2)
     assert torch.allclose(sim, _decode_attention(q, k, v, layer, 0.2), atol=1e-12, rtol=0)
     assert not torch.allclose(sim, simulated_attention(q, k, v, LayerPlan(QuantSpec(16), QuantSpec(16)), 0.2))
+
+
+def test_an_engine_token_reads_itself_rounded():
+    """The first query has only itself to read: exact under kvtune's own integers (a call reads its
+    fresh tokens unrounded), rounded under an engine format (the engine stores, then attends)."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
+    exact = simulated_attention(q, k, v, LayerPlan(QuantSpec(16), QuantSpec(16)), 0.2)
+    integer = simulated_attention(q, k, v, LayerPlan(QuantSpec(4, "per-token", 32), QuantSpec(4, "per-token", 32), 0), 0.2)
+    engine = simulated_attention(q, k, v, _engine_layer("q4_1"), 0.2)
+    assert torch.equal(integer[..., 0, :], exact[..., 0, :])
+    assert torch.allclose(engine[..., 0, :], formats.fake_quantize(v[..., :1, :], "q4_1")[0].expand(2, 1, 32)[:, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_FORMATS) + ["int"])
+def test_perplexity_is_the_same_at_batch_1_and_batch_4(tiny_model, name):
+    """No scale or group is taken across the sequences of a batch."""
+    torch.manual_seed(3)
+    windows = torch.randint(3, 256, (4, 40))
+    layer = LayerPlan.from_pair("k2v2", group_size=8, residual=4) if name == "int" else _engine_layer(name)
+    plan = Plan((layer,) * 3)
+    one, four = token_nll(tiny_model, windows, plan, batch_size=1), token_nll(tiny_model, windows, plan, batch_size=4)
+    assert torch.allclose(one.mean(), four.mean(), rtol=1e-6, atol=0)
+    assert torch.allclose(one, four, rtol=0, atol=1e-9)

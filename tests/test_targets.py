@@ -131,3 +131,21 @@ def test_segment_front_matches_brute_force():
         best = min(cost[range(layers), p].sum() for p in plans if memory[range(layers), p].sum() <= budget)
         found = min(c for _, c, m in front if m <= budget)
         assert found == pytest.approx(best)
+
+
+def test_a_small_space_is_enumerated_and_its_front_holds_the_exact_optimum(tmp_path):
+    from kvtune.search.exact import evaluate, exact_optimum
+    from kvtune.search.search import enumerate_front
+    from kvtune.search.space import build_space
+
+    profile = Profile.load(_profile(tmp_path / "p", resolve_formats("vllm-int8_per_token_head")))
+    cost = profile.matrix("taylor")
+    bits = np.tile(np.array([16.0, 8.0]) / 10, (10, 1))
+    space = build_space([(16, 16), ("int8_per_token_head",) * 2], cost, bits, 6, fixed={0: 0})
+    for budget in (9.0, 10.4, 12.0, 15.2):
+        front = enumerate_front(space, budget)
+        assert all(evaluate(space, x)[1] <= budget + 1e-9 for x in front)
+        best = min(evaluate(space, x)[0] for x in front)
+        assert best == pytest.approx(evaluate(space, exact_optimum(space, budget))[0])
+    result = _search(tmp_path, tmp_path / "p", "10.4bits", formats="vllm-int8_per_token_head")
+    assert result.meta["space"]["enumerated_plans"] >= 2

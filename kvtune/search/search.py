@@ -247,7 +247,7 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
     else:
         subspaces = [Subspace("kvtune", list(range(len(allowed))))] if target == "kvtune" else vllm_subspaces(names, profile.shape)
         bar = tqdm(total=settings.generations * len(subspaces), desc="search: NSGA-II", disable=not progress, leave=False)
-        gap_tables, smallest_runnable = [], np.inf
+        gap_tables, smallest_runnable, pop_size = [], np.inf, 0
         for sub in subspaces:
             sub_cost, sub_memory = cost[:, sub.columns], memory[:, sub.columns]
             fixed = {layer: sub.columns.index(j) for layer, j in sub.fixed.items()}
@@ -259,20 +259,28 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
                                                                  f"{_budget_text(budget, least)})"})
                 bar.update(settings.generations)
                 continue
-            X, F, pop_size = nsga2_front(space, budget.value, settings.seed, settings.pop_size, settings.generations, bar,
-                                         settings.max_pop_size)
-            gap_tables.append(check_against_exact(space, F, np.linspace(smallest, budget.value, settings.gap_budgets)))
-            exact_x = exact_optimum(space, budget.value)
-            found = [("nsga2", x) for x in X]
-            if exact_x is not None and not any(np.array_equal(exact_x, x) for x in X):
-                found.append(("exact", exact_x))
+            if space.size <= np.log10(ENUMERATE_UP_TO):  # small enough to list every plan: the front is exact
+                found = [("exact", x) for x in enumerate_front(space, budget.value)]
+                bar.update(settings.generations)
+                spaces_meta.append({"name": sub.name, "enumerated_plans": int(round(10**space.size))})
+            else:
+                X, F, pop_size = nsga2_front(space, budget.value, settings.seed, settings.pop_size, settings.generations, bar,
+                                             settings.max_pop_size)
+                gap_tables.append(check_against_exact(space, F, np.linspace(smallest, budget.value, settings.gap_budgets)))
+                exact_x = exact_optimum(space, budget.value)
+                found = [("nsga2", x) for x in X]
+                if exact_x is not None and not any(np.array_equal(exact_x, x) for x in X):
+                    found.append(("exact", exact_x))
             for source, x in found:
                 c, m = evaluate(space, x)
                 candidates.append((source, [allowed[sub.columns[j]] for j in space.layer_pairs(x)], c, m))
-            spaces_meta.append({"name": sub.name, "log10_full": space.full_size, "log10_after_pruning": space.pruned_size,
-                                "log10_after_clustering": space.size, "groups": space.groups,
-                                "fixed_layers": sorted(sub.fixed),
-                                "choices": [[profile.pairs[allowed[sub.columns[j]]] for j in c] for c in space.choices]})
+            described = {"name": sub.name, "log10_full": space.full_size, "log10_after_pruning": space.pruned_size,
+                         "log10_after_clustering": space.size, "groups": space.groups, "fixed_layers": sorted(sub.fixed),
+                         "choices": [[profile.pairs[allowed[sub.columns[j]]] for j in c] for c in space.choices]}
+            if spaces_meta and spaces_meta[-1].get("name") == sub.name:  # enumerated: one entry with both
+                spaces_meta[-1] = {**described, **spaces_meta[-1]}
+            else:
+                spaces_meta.append(described)
         bar.close()
         gaps = combine_gaps(gap_tables)
     nsga_seconds = time.perf_counter() - started
@@ -362,6 +370,26 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
                   and (budget.kind == "bytes" or parse_candidate(profile.pairs[j])[2:] == (None, None))]
     _write(out, front, plan, meta, profile, references, budget, context)
     return SearchResult(front, plan, meta)
+
+
+# A clustered space with at most this many plans is enumerated instead of searched by NSGA-II.
+ENUMERATE_UP_TO = 1024
+
+
+def enumerate_front(space: SearchSpace, budget: float) -> list[np.ndarray]:
+    """Every decision vector of a small space, evaluated; the non-dominated ones within the budget."""
+    grids = np.meshgrid(*[np.arange(len(c)) for c in space.choices], indexing="ij")
+    X = np.stack([g.ravel() for g in grids], axis=1)
+    cost = sum(space.group_cost(g)[X[:, g]] for g in range(len(space.groups)))
+    memory = sum(space.group_memory(g)[X[:, g]] for g in range(len(space.groups)))
+    fits = np.flatnonzero(memory <= budget * (1 + 1e-12))
+    order = fits[np.lexsort((cost[fits], memory[fits]))]
+    front, lowest = [], np.inf
+    for i in order:
+        if cost[i] < lowest - 1e-15:
+            front.append(X[i])
+            lowest = cost[i]
+    return front
 
 
 def search_target(settings: SearchSettings, names: list[str]) -> str:
