@@ -358,8 +358,8 @@ def show_plan(
     typer.echo(f"plan {p.name or plan}: {len(p)} layers, nominal {p.nominal_bits():.3f} bits")
     typer.echo(f"cache at {context} tokens, batch 1: {p.cache_bytes(shape, context) / 2**20:.2f} MiB")
     for i, layer in enumerate(p.layers):
-        k, v = layer.key, layer.value
-        typer.echo(f"  layer {i:3d}: {layer.pair:8s} K {k.mode}/g{k.group_size}  V {v.mode}/g{v.group_size}  residual {layer.residual}")
+        window = f"  residual {layer.residual}" if layer.integer_specs else ""  # engine formats keep no window
+        typer.echo(f"  layer {i:3d}: {layer.pair:8s} K {layer.key.describe()}  V {layer.value.describe()}{window}")
 
 
 def main() -> None:  # pragma: no cover

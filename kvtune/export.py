@@ -67,6 +67,9 @@ _VLLM_NOTES = {
     "int8_per_token_head": _PER_TOKEN_HEAD_NOTE,
     "fp8_per_token_head": _PER_TOKEN_HEAD_NOTE,
     "int4_per_token_head": _PER_TOKEN_HEAD_NOTE + "; K and V randomized-Hadamard-rotated before 4-bit rounding",
+    **{name: "vLLM's TurboQuant backend (GPUs; not its CPU build); vLLM always keeps the first and last two layers "
+             "unquantized; decode reads the quantized cache, a whole-prompt prefill attends the fresh K/V"
+       for name in VLLM_DTYPES if name.startswith("turboquant_")},
 }
 # SGLang's released --kv-cache-dtype names (0.5.23: auto, fp8_e5m2, fp8_e4m3, mxfp8, bf16, nvfp4, fp4_mx_block16).
 _SGLANG = {"nvfp4": ("nvfp4", "nvfp4"), "fp8_e4m3": ("fp8", "fp8"), "bf16": (16, 16)}
@@ -418,8 +421,10 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
                     args += [f"{flag}-last", f"{name(last_t)},{n_last}"]
         payload["args"] = args
         notes.append(f"{target} stores q8_0/q5_x/q4_x in blocks of 32 along head_dim and keeps no full-precision window")
-    if notes and notes[0].startswith("rounded"):
-        notes.insert(1, _memory_note(plan, rounded, plan.shape))
+    if rounded.layers != plan.layers:  # --nearest changed what is stored: say what it cost, and rename it
+        notes.insert(0, f"--nearest cost: {_memory_note(plan, rounded, plan.shape)}")
+        rounded = Plan(rounded.layers, name=f"{plan.name or 'plan'} rounded up for {fmt}", model=plan.model, shape=plan.shape,
+                       metadata=plan.metadata)
     payload["kvtune"] = {"source_plan": plan.name, "notes": notes}
     text = json.dumps(payload, indent=2) + "\n"
     inputs.refuse_replacing(out, text, overwrite)

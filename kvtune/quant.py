@@ -139,6 +139,20 @@ class QuantSpec:
         """Tokens that must be present before they can be quantized together."""
         return self.group_size if self.mode == "per-channel" else 1
 
+    def describe(self) -> str:
+        """``per-channel/g32``, ``blocks of 32``, ``per-tensor amax 7.5``, ``per token and head``, ``fp16``."""
+        if not self.is_quantized:
+            return "fp16"
+        if not self.is_engine:
+            return f"{self.mode}/g{self.group_size}"
+        if self.mode == "per-block":
+            return f"blocks of {self.group_size}"
+        if self.mode == "per-token-head":
+            return "per token and head"
+        if self.amax is not None:
+            return f"{self.mode} amax {list(self.amax) if isinstance(self.amax, tuple) else self.amax}"
+        return f"{self.mode} unit scale" if self.format in ("fp8", "nvfp4") else self.mode
+
     @property
     def reads_itself(self) -> bool:
         """Does a token attend to its own K/V as stored? Engines write a step's K/V into their cache

@@ -60,12 +60,13 @@ def test_plans_an_engine_cannot_load_are_refused(fmt, plan, message, tmp_path):
 def test_nearest_rounds_up_and_reports_memory(tmp_path):
     result = export_plan(VLLM_MIXED, "trtllm", tmp_path / "t.json", nearest=True)
     assert json.loads(result.path.read_text())["kv_cache_config"]["dtype"] == "0:auto,1-2:fp8,3-4:nvfp4,5:fp8"
-    assert result.notes[0].startswith("rounded 2 layer(s) up") and "MiB" in result.notes[1] and "+" in result.notes[1]
+    assert result.notes[0].startswith("--nearest cost: memory") and "MiB" in result.notes[0] and "+" in result.notes[0]
+    assert result.notes[1].startswith("rounded 2 layer(s) up") and result.plan.name.endswith("rounded up for trtllm")
     result = export_plan(_plan(*["k4v2"] * 6), "modelopt-hf", tmp_path / "m.json", nearest=True)
     assert json.loads(result.path.read_text())["quantization"]["kv_cache_quant_algo"] == "NVFP4"
     result = export_plan(ENDS, "llama.cpp", tmp_path / "c.json", nearest=True)
     assert json.loads(result.path.read_text())["args"] == ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"]
-    assert "MiB" in result.notes[1]
+    assert "MiB" in result.notes[0]
 
 
 def test_vllm_skip_list_is_written_as_separate_values(tmp_path):
@@ -129,3 +130,21 @@ def test_released_vllm_takes_one_dtype_and_a_skipped_set(tmp_path):
     assert plain["vllm_args"] == ["--kv-cache-dtype", "auto"] and plain["skip_layers"] == []
     scaled = export_plan(_plan(*["k[fp8]v[fp8]"] * 6), "vllm", tmp_path / "e.json")
     assert any("scales from the checkpoint" in note for note in scaled.notes)
+
+
+def test_vllm_export_of_the_new_dtypes_and_turboquants_forced_skips(tmp_path):
+    from kvtune.formats import vllm_pair
+
+    shape = ModelShape(30, 3, 64)
+    plan = Plan.uniform(vllm_pair("int4_per_token_head"), 30)
+    plan.shape = shape
+    written = json.loads(export_plan(plan, "vllm", tmp_path / "a.json").path.read_text())
+    assert written["vllm_args"] == ["--kv-cache-dtype", "int4_per_token_head"]
+    tq = Plan.uniform(vllm_pair("turboquant_k3v4_nc"), 30)
+    tq.shape = shape
+    with pytest.raises(PlanError, match=r"keeps layers \[0, 1, 28, 29\] unquantized for turboquant_k3v4_nc"):
+        export_plan(tq, "vllm", tmp_path / "b.json")
+    rounded = export_plan(tq, "vllm", tmp_path / "c.json", nearest=True)
+    assert json.loads(rounded.path.read_text())["skip_layers"] == [0, 1, 28, 29]
+    assert [rounded.plan.pairs[i] for i in (0, 1, 2, 28, 29)] == ["K16V16"] * 2 + ["K[turboquant_k3]V[turboquant_v4]"] + ["K16V16"] * 2
+    assert rounded.notes[0].startswith("--nearest cost")
