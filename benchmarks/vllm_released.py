@@ -17,6 +17,7 @@ benchmarks/results/vllm_released.{json,md}.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -43,7 +44,7 @@ WINDOWS, SEQ_LEN, SEED, CONTEXT = 32, 512, 0, 32768
 POINTS = [("fp8_e4m3", ()), ("fp8_per_token_head", ()), ("int8_per_token_head", ()), ("nvfp4", ()),
           ("int4_per_token_head", ()), ("int4_per_token_head", (0, 1, 28, 29)), ("turboquant_k8v4", ()),
           ("turboquant_4bit_nc", ()), ("turboquant_k3v4_nc", ()), ("turboquant_3bit_nc", ())]
-BETWEEN_MIB = (220.0, 237.0, 290.0, 320.0)  # budgets between vLLM's points
+BETWEEN_MIB = (220.0, 237.0, 300.0)  # budgets between vLLM's points
 
 
 def vllm_point(dtype: str, extra: tuple, layers: int) -> Plan:
@@ -52,8 +53,10 @@ def vllm_point(dtype: str, extra: tuple, layers: int) -> Plan:
     return Plan(tuple(LayerPlan.from_pair("k16v16" if i in kept else vllm_pair(dtype)) for i in range(layers)), name=name)
 
 
-def measured(model, windows, plan: Plan, tag: str) -> torch.Tensor:
-    path = WORK / f"{tag}.nll.pt"
+def measured(model, windows, plan: Plan | None) -> torch.Tensor:
+    """Per-window NLL, kept by the plan's layers (equal plans are measured once)."""
+    key = "fp16" if plan is None else hashlib.sha1(json.dumps(plan.to_dict()["layers"]).encode()).hexdigest()[:16]
+    path = WORK / f"{key}.nll.pt"
     if path.is_file():
         return torch.load(path)
     nll = token_nll(model, windows, plan).double().mean(dim=1)
@@ -71,7 +74,7 @@ def main() -> None:
     shape = model_shape(model)
     windows = load_windows(tokenizer, "heldout", SEQ_LEN, WINDOWS, SEED)
     points = [vllm_point(d, extra, shape.num_layers) for d, extra in POINTS]
-    budgets = sorted({round(mib(p, shape) + 0.005, 2) for p in points} | set(BETWEEN_MIB))
+    budgets = sorted({math.ceil(mib(p, shape) * 100) / 100 for p in points} | set(BETWEEN_MIB))  # rounded up: the point fits
     searched = []
     for budget in budgets:
         out = WORK / f"search-{budget:.2f}MiB"
@@ -85,15 +88,15 @@ def main() -> None:
         searched.append((budget, plan))
         print(f"searched {budget:.2f} MiB: {plan_flags(plan)}", flush=True)
 
-    fp16 = measured(model, windows, None, "fp16")
+    fp16 = measured(model, windows, None)
     recipe = Plan.load(RECIPE)
     rows = [row("FP16", None, fp16, fp16, shape, "reference")]
     nll = {}
     for plan in points:
-        nll[plan.name] = measured(model, windows, plan, plan.name.replace(" ", "_").replace(":", "-"))
+        nll[plan.name] = measured(model, windows, plan)
         rows.append(row(plan.name, plan, nll[plan.name], fp16, shape, "vLLM's own point"))
     for budget, plan in searched:
-        mine = measured(model, windows, plan, f"search-{budget:.2f}")
+        mine = measured(model, windows, plan)
         r = row(plan.name, plan, mine, fp16, shape, "kvtune --target vllm")
         # Against every vLLM point that fits the same memory: the best of them is the user's alternative.
         fits = [p for p in points if mib(p, shape) <= budget + 1e-9]
@@ -103,7 +106,7 @@ def main() -> None:
             r["vs_best_vllm_point_that_fits"] = {"point": best.name, "nll_gap": round(gap, 5), "gap_se": round(se, 5),
                                                  "verdict": "tie" if abs(gap) <= 2 * se else ("better" if gap < 0 else "worse")}
         rows.append(r)
-    mine = measured(model, windows, recipe, "recipe-3.25bits")
+    mine = measured(model, windows, recipe)
     rows.append(row("kvtune 3.25-bit recipe (kvtune's own cache)", recipe, mine, fp16, shape, "kvtune cache"))
     result = {"protocol": {"split": "heldout", "windows": WINDOWS, "seq_len": SEQ_LEN, "seed": SEED, "context": CONTEXT},
               "profile": str(PROFILE.relative_to(ROOT)), "rows": rows}
