@@ -272,3 +272,43 @@ def test_candidates_equal_to_the_profiles_own_setting_are_dropped_not_refused(ca
     assert _fit_candidate_groups(ProfileSettings(), 96).pairs[-1] == "K2V2g48"
     with pytest.raises(ProfileError, match="listed twice"):
         ProfileSettings(pairs=["k2v2g64", "K2V2G64"]).candidates()
+
+
+def test_probe_errors_of_engine_formats_with_calibrated_scales_equal_simulation():
+    """vLLM's per-token-head and TurboQuant formats, and fp8/nvfp4 at the layer's calibrated amax:
+    the probe's errors are what simulated attention with that layer's plan gives."""
+    import torch
+
+    from kvtune.profiling.probe import Candidates, Probe
+    from kvtune.simulate import simulated_attention
+
+    torch.manual_seed(4)
+    q = torch.randn(1, 4, 24, 32, dtype=torch.float64)
+    k, v = torch.randn(1, 2, 24, 32, dtype=torch.float64), torch.randn(1, 2, 24, 32, dtype=torch.float64)
+    pairs = [(16, 16), ("fp8", "fp8"), ("nvfp4", "nvfp4"), ("int4_per_token_head", "int8_per_token_head"),
+             ("turboquant_k3", "turboquant_v4")]
+    c = Candidates(pairs, "per-channel", "per-token", 8, 4, amax={"key": [9.0, 2.5], "value": [7.0, 3.0]})
+    probe = Probe(c, 2)
+    exact = simulated_attention(q, k, v, c.layer_plan(16, 16), 0.3)
+    probe._accumulate_errors(1, q, k, v, exact, 0.3, None)
+    for pair in pairs[1:]:
+        plan = c.layer_plan(*pair, layer=1)
+        direct = (simulated_attention(q, k, v, plan, 0.3) - exact).pow(2).sum().item()
+        assert probe.errors[1].joint[pair_name(*pair)] == pytest.approx(direct, rel=1e-9)
+    assert c.layer_plan("fp8", "fp8", layer=1).key.amax == 2.5 and c.layer_plan("fp8", "fp8", layer=0).value.amax == 7.0
+
+
+def test_fp8_and_nvfp4_profiles_calibrate_once_and_plans_carry_the_constants(tiny_model_dir, tmp_path):
+    from kvtune.search import SearchSettings, run_search
+
+    pairs = ["k16v16", "k[fp8]v[fp8]", "k[nvfp4]v[nvfp4]"]
+    profile = run_profile(_settings(tiny_model_dir, pairs=pairs, validate_windows=0), tmp_path / "p", progress=False)
+    amax = profile.meta["amax"]
+    assert len(amax["key"]) == 3 and all(a > 0 for a in amax["key"] + amax["value"])
+    plan = run_search(SearchSettings(profile=str(tmp_path / "p"), budget="6bits", verify=0, generations=20),
+                      tmp_path / "s", progress=False).plan
+    for i, layer in enumerate(plan.layers):
+        for which, spec in (("key", layer.key), ("value", layer.value)):
+            assert spec.amax == (amax[which][i] if spec.format in ("fp8", "nvfp4") else None)
+    saved = json.loads((tmp_path / "s" / "plan.json").read_text())
+    assert any("amax" in entry["key"] for entry in saved["layers"])
