@@ -2,7 +2,7 @@
 own K/V rounded (issue 27, item 3).
 
 vLLM's CPU FP8 cache needs AVX-512 or AMX, which the machine of this rerun lacks, so the engine side
-is the one issue 19 measured (benchmarks/results/engine_check-issue19.json: same model, windows,
+is the one issue 19 measured (benchmarks/results/engine_check.json: same model, windows,
 seed, 32 held-out windows × 512 tokens). kvtune's simulation of the same plans is recomputed with
 today's code, rounding toward zero as vLLM's CPU kernels do. Only the mean effects are compared:
 issue 19 kept the engine's per-window NLLs in no file, so there is no paired standard error.
@@ -27,7 +27,7 @@ from kvtune.models import load_model  # noqa: E402
 from kvtune.perplexity import token_nll  # noqa: E402
 from kvtune.plan import Plan, resolve_plan  # noqa: E402
 
-EARLIER = ROOT / "benchmarks" / "results" / "engine_check-issue19.json"
+EARLIER = ROOT / "benchmarks" / "results" / "engine_check.json"  # issue 19's run (commit a38b3ed)
 # The 10-bit plan issue 19 ran in vLLM, as committed then (the file in plans/ now holds today's search).
 PLAN_COMMIT = "a38b3ed"
 
