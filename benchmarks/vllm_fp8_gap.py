@@ -2,7 +2,7 @@
 own K/V rounded (issue 27, item 3).
 
 vLLM's CPU FP8 cache needs AVX-512 or AMX, which the machine of this rerun lacks, so the engine side
-is the one issue 19 measured (benchmarks/results/engine_check.json: same model, windows,
+is the one issue 19 measured (benchmarks/results/engine_check.json at commit a38b3ed: same model, windows,
 seed, 32 held-out windows × 512 tokens). kvtune's simulation of the same plans is recomputed with
 today's code, rounding toward zero as vLLM's CPU kernels do. Only the mean effects are compared:
 issue 19 kept the engine's per-window NLLs in no file, so there is no paired standard error.
@@ -27,13 +27,17 @@ from kvtune.models import load_model  # noqa: E402
 from kvtune.perplexity import token_nll  # noqa: E402
 from kvtune.plan import Plan, resolve_plan  # noqa: E402
 
-EARLIER = ROOT / "benchmarks" / "results" / "engine_check.json"  # issue 19's run (commit a38b3ed)
-# The 10-bit plan issue 19 ran in vLLM, as committed then (the file in plans/ now holds today's search).
+# Issue 19's engine run and the 10-bit plan it ran, as committed then (later runs replace both files).
 PLAN_COMMIT = "a38b3ed"
+EARLIER = "benchmarks/results/engine_check.json"
+
+
+def _committed(path: str) -> str:
+    return subprocess.run(["git", "show", f"{PLAN_COMMIT}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
 def main() -> None:
-    rows = [r for r in json.loads(EARLIER.read_text()) if r["engine"] == "vllm"]
+    rows = [r for r in json.loads(_committed(EARLIER)) if r["engine"] == "vllm"]
     model, tokenizer = load_model()
     windows = load_windows(tokenizer, "heldout", 512, rows[0]["windows"], 0)
     fp16 = token_nll(model, windows, None).double().mean().item()
@@ -42,9 +46,7 @@ def main() -> None:
         if r["plan"].startswith("uniform:"):
             plan = resolve_plan(r["plan"], 30, 64)
         else:
-            text = subprocess.run(["git", "show", f"{PLAN_COMMIT}:{r['plan']}"], cwd=ROOT, capture_output=True, text=True,
-                                  check=True).stdout
-            plan = Plan.from_dict(json.loads(text))
+            plan = Plan.from_dict(json.loads(_committed(r["plan"])))
         with formats.fp8_rounding("toward-zero"):
             sim = token_nll(model, windows, plan).double().mean().item()
         engine_effect = math.log(r["ppl_engine_plan"] / r["ppl_engine_baseline"])
