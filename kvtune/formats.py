@@ -77,7 +77,7 @@ def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """C's roundf: halves away from zero (torch.round goes to even)."""
+    """C's roundf: halves away from zero (torch.round goes to even); also vLLM's (x ± 0.5) then truncation."""
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
@@ -245,11 +245,6 @@ _BLOCK_BYTES = {"q8_0": (8, 2), "q4_0": (4, 2), "q4_1": (4, 4), "q5_0": (5, 2), 
 # ---- vLLM per-token-head formats -----------------------------------------------------------------
 
 
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """``(x ± 0.5)`` then a truncating int cast, as vLLM's kernels round."""
-    return torch.trunc(torch.where(x >= 0, x + 0.5, x - 0.5))
-
-
 def token_head_scale(x: torch.Tensor, largest: float) -> torch.Tensor:
     """fp32 ``max(amax / largest, 1e-6)`` per token and head (over head_dim), keepdim."""
     return torch.clamp_min(x.float().abs().amax(-1, keepdim=True) / largest, 1e-6)
@@ -257,7 +252,7 @@ def token_head_scale(x: torch.Tensor, largest: float) -> torch.Tensor:
 
 def int8_per_token_head_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = token_head_scale(x, 127.0)
-    codes = _round_half_away(x.float() * (1.0 / scale)).clamp(-128.0, 127.0).to(torch.int8)
+    codes = _roundf(x.float() * (1.0 / scale)).clamp(-128.0, 127.0).to(torch.int8)
     return codes, scale
 
 
@@ -307,8 +302,8 @@ def int4_per_token_head_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     y = rht(x.float()).to(x.dtype).float()
     lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
     scale = torch.clamp_min((hi - lo) / 15.0, 1e-6)
-    zero = _round_half_away(-lo / scale).clamp(0.0, 15.0)
-    codes = _round_half_away(y * (1.0 / scale) + zero).clamp(0.0, 15.0).to(torch.uint8)
+    zero = _roundf(-lo / scale).clamp(0.0, 15.0)
+    codes = _roundf(y * (1.0 / scale) + zero).clamp(0.0, 15.0).to(torch.uint8)
     packed_scale = ((scale.view(torch.int32) & -16) | zero.to(torch.int32)).view(torch.float32)
     return codes, packed_scale
 

@@ -32,8 +32,8 @@ from kvtune.quant import QuantSpec
 from kvtune.search.budget import Budget, BudgetError, parse_budget
 from kvtune.search.exact import evaluate, exact_optimum
 from kvtune.search.nsga import nsga2_front
-from kvtune.search.space import SearchSpace, build_space, nondominated
-from kvtune.search.targets import TARGETS, Subspace, engine_front, vllm_subspaces
+from kvtune.search.space import SearchSpace, build_space, front_indices, nondominated
+from kvtune.search.targets import Subspace, check_target, engine_front, vllm_subspaces
 from kvtune.search.verify import RaceResult, paired_gap, race
 
 UNIFORM_REFERENCES = ("k8v8", "k8v4", "k4v8", "k4v4", "k4v2", "k2v4", "k2v2")
@@ -383,13 +383,7 @@ def enumerate_front(space: SearchSpace, budget: float) -> list[np.ndarray]:
     cost = sum(space.group_cost(g)[X[:, g]] for g in range(len(space.groups)))
     memory = sum(space.group_memory(g)[X[:, g]] for g in range(len(space.groups)))
     fits = np.flatnonzero(memory <= budget * (1 + 1e-12))
-    order = fits[np.lexsort((cost[fits], memory[fits]))]
-    front, lowest = [], np.inf
-    for i in order:
-        if cost[i] < lowest - 1e-15:
-            front.append(X[i])
-            lowest = cost[i]
-    return front
+    return [X[fits[i]] for i in front_indices(cost[fits], memory[fits])]
 
 
 def search_target(settings: SearchSettings, names: list[str]) -> str:
@@ -397,9 +391,7 @@ def search_target(settings: SearchSettings, names: list[str]) -> str:
     from kvtune.formats import released_vllm_set
 
     if settings.target is not None:
-        if settings.target not in TARGETS:
-            raise BudgetError(f"--target {settings.target!r}: expected one of {list(TARGETS)}")
-        return settings.target
+        return check_target(settings.target)
     return "vllm" if settings.formats and released_vllm_set(settings.formats) else "kvtune"
 
 

@@ -27,6 +27,18 @@ def nondominated(cost: np.ndarray, memory: np.ndarray) -> list[int]:
     return keep
 
 
+def front_indices(cost: np.ndarray, memory: np.ndarray) -> list[int]:
+    """Indices on the (memory, cost) Pareto front, memory ascending; ties keep the first. The
+    O(n log n) form of :func:`nondominated`, for enumerations too large for pairwise checks."""
+    order = np.lexsort((cost, memory))
+    keep, lowest = [], np.inf
+    for k in order:
+        if cost[k] < lowest - 1e-15:
+            keep.append(int(k))
+            lowest = cost[k]
+    return keep
+
+
 def prune_layers(cost: np.ndarray, memory: np.ndarray) -> list[list[int]]:
     """Per layer (rows), the pair indices (columns) that survive intra-layer pruning."""
     return [nondominated(cost[layer], memory[layer]) for layer in range(cost.shape[0])]

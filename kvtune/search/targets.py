@@ -25,6 +25,7 @@ import numpy as np
 from kvtune.formats import VLLM_DTYPES, vllm_forced_skips
 from kvtune.plan import FULL_BITS, ModelShape, parse_candidate
 from kvtune.search.budget import BudgetError
+from kvtune.search.space import front_indices
 
 TARGETS = ("kvtune", "vllm", "llama.cpp", "ik-llama.cpp")
 # llama.cpp's cache types as kvtune labels (f16 and the block types).
@@ -103,29 +104,16 @@ def segment_front(cost: np.ndarray, memory: np.ndarray, columns: list[int], max_
             total_cost = seg_cost[0][:, None, None] + seg_cost[1][None, :, None] + seg_cost[2][None, None, :]
             total_memory = seg_memory[0][:, None, None] + seg_memory[1][None, :, None] + seg_memory[2][None, None, :]
             flat_cost, flat_memory = total_cost.ravel(), total_memory.ravel()
-            keep = _front_indices(flat_cost, flat_memory)
+            keep = front_indices(flat_cost, flat_memory)
             for k in keep:
                 a, b, d = np.unravel_index(k, (c, c, c))
                 best.append((float(flat_memory[k]), float(flat_cost[k]), (n, m, int(a), int(b), int(d))))
     best.sort()
-    out, lowest = [], np.inf
-    for mem, cst, (n, m, a, b, d) in best:
-        if cst < lowest - 1e-15:
-            lowest = cst
-            per_layer = [columns[a]] * n + [columns[b]] * (layers - n - m) + [columns[d]] * m
-            out.append((per_layer, cst, mem))
+    out = []
+    for k in front_indices(np.array([b[1] for b in best]), np.array([b[0] for b in best])):
+        mem, cst, (n, m, a, b, d) = best[k]
+        out.append(([columns[a]] * n + [columns[b]] * (layers - n - m) + [columns[d]] * m, cst, mem))
     return out
-
-
-def _front_indices(cost: np.ndarray, memory: np.ndarray) -> list[int]:
-    """Indices on the (memory, cost) Pareto front, memory ascending; ties keep the first."""
-    order = np.lexsort((cost, memory))
-    keep, lowest = [], np.inf
-    for k in order:
-        if cost[k] < lowest - 1e-15:
-            keep.append(int(k))
-            lowest = cost[k]
-    return keep
 
 
 def engine_front(target: str, names: list[str], cost: np.ndarray, memory: np.ndarray) -> list[tuple[list[int], float, float]]:
