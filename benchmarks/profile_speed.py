@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from kvtune.data import load_windows
 from kvtune.models import load_model
-from kvtune.formats import resolve_formats
+from kvtune.plan import resolve_formats
 from kvtune.profiling import ProfileSettings, run_profile
 from kvtune.profiling.profile import DEFAULT_FORMATS
 

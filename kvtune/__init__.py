@@ -5,7 +5,7 @@ The names a user reaches for first, importable from ``kvtune`` itself::
     import kvtune
     model, tokenizer = kvtune.load_model()                       # the embedded default, or a path / hub id
     cache = kvtune.load_cache(model, "uniform:k4v2")             # a Plan, a plan file, or a plan name
-    model.generate(**inputs, past_key_values=cache)
+    model.generate(**inputs, cache=cache)
 
 They are loaded on first use, so ``import kvtune`` (and the CLI's help) stays fast. A name that
 is also a submodule's (``perplexity``) is left out: importing the submodule would replace it.

@@ -16,10 +16,15 @@ same per-head K/V the cache stores. :func:`describe` checks that with one short 
 The extra arguments an attention call carries are checked by :func:`attention_extras`, shared by
 the simulated and probe attentions: soft-capping and attention sinks are honoured, sliding
 windows come through the mask, dropout is refused in training mode, anything unknown is refused.
+
+kvtune's attentions (the probe here, the simulated one, the fused decode, the profile's probe) are
+switched in by :func:`using_attention` for the length of a ``with`` block, and find what serves
+their layer on their module (:func:`layer_attributes`): the model is left as it was found.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +40,7 @@ OUTSIDE_TYPES = {
 }
 # Arguments attention functions receive that do not change the attention arithmetic.
 _PASSIVE_KWARGS = {"position_ids", "use_cache", "output_router_logits", "cache_position", "output_attentions",
-                   "is_causal", "past_key_values", "layer_idx", "position_embeddings"}
+                   "is_causal", "past_key_values", "cache", "layer_idx", "position_embeddings"}
 _PROBE_NAME = "kvtune_arch_probe"
 
 
@@ -120,11 +125,21 @@ def attention_extras(module, kwargs: dict, attention_mask, dropout: float = 0.0)
     return kwargs.get("softcap"), kwargs.get("s_aux")
 
 
+def _fingerprint(model) -> tuple:
+    """What :func:`describe` decides from: the config, and which module class holds which weight
+    shapes. A cached answer whose fingerprint differs was computed for another model."""
+    return (model.config.to_json_string(use_diff=False),
+            tuple((name, type(module)) for name, module in model.named_modules()),
+            tuple((name, tuple(p.shape)) for name, p in model.named_parameters()))
+
+
 def describe(model) -> Architecture:
-    """The model's :class:`Architecture`, computed once per model object (one short forward pass)."""
+    """The model's :class:`Architecture` (one short forward pass), kept on the model beside the
+    fingerprint it was computed from, so a changed config or module is described afresh."""
+    fingerprint = _fingerprint(model)
     cached = getattr(model, "_kvtune_architecture", None)
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
     name = getattr(model, "name_or_path", None) or "the model"
     config = model.config
     check_config(config, name)
@@ -156,15 +171,63 @@ def describe(model) -> Architecture:
     left_out = tuple((i, OUTSIDE_TYPES[t]) for i, t in enumerate(types) if t in OUTSIDE_TYPES)
     extras = tuple(sorted({x for i in attention for x in seen[i]["extras"]}))
     arch = Architecture(shape, config.model_type, tuple(types), left_out, extras)
-    model._kvtune_architecture = arch
+    model._kvtune_architecture = (fingerprint, arch)
     return arch
+
+
+def input_device(model) -> torch.device:
+    """Where input ids go: the embedding's device (accelerate's hooks move them on from there)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+@contextmanager
+def using_attention(model, name: str, attention, mask: str = "eager"):
+    """Within the block ``model`` attends with ``attention``, registered with transformers as
+    ``name`` (its masks built as for ``mask``); after it, whatever happened, the model attends as
+    it did before. Every switch of a model's attention in kvtune goes through here."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(name, attention)  # a dict entry: registering again replaces it
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask])
+    previous = model.config._attn_implementation
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, AttributeError) as e:
+        raise ModelError(
+            f"{getattr(model, 'name_or_path', 'the model')} cannot switch to another attention implementation "
+            f"({e}); kvtune needs transformers' attention interface"
+        ) from None
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@contextmanager
+def layer_attributes(model, attribute: str, values: dict[int, object]):
+    """Within the block every submodule whose ``layer_idx`` is a key of ``values`` carries that
+    value as ``attribute``: how an attention function, called with its module, finds what serves
+    that layer (a plan entry, a cache layer). Earlier values are put back after it."""
+    modules = [m for m in model.modules() if getattr(m, "layer_idx", None) in values]
+    missing = object()
+    previous = [getattr(m, attribute, missing) for m in modules]
+    for module in modules:
+        setattr(module, attribute, values[module.layer_idx])
+    try:
+        yield model
+    finally:
+        for module, value in zip(modules, previous):
+            if value is missing:
+                delattr(module, attribute)
+            else:
+                setattr(module, attribute, value)
 
 
 def _probe_forward(model) -> dict[int, dict]:
     """One forward of a few tokens recording, per layer, what the attention and the cache receive."""
-    from transformers import AttentionInterface
     from transformers.cache_utils import DynamicCache
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     seen: dict[int, dict] = {}
     cached: dict[int, tuple] = {}
@@ -192,23 +255,8 @@ def _probe_forward(model) -> dict[int, dict]:
         }
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
 
-    AttentionInterface.register(_PROBE_NAME, record)
-    AttentionMaskInterface.register(_PROBE_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    previous = model.config._attn_implementation
-    try:
-        model.set_attn_implementation(_PROBE_NAME)
-    except (ValueError, AttributeError) as e:
-        raise ModelError(
-            f"{getattr(model, 'name_or_path', 'the model')} cannot switch to another attention implementation "
-            f"({e}); kvtune needs transformers' attention interface"
-        ) from None
-    from kvtune.models import input_device
-
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = (torch.arange(8, device=input_device(model)) % max(vocab - 1, 1) + 1).unsqueeze(0)
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, past_key_values=RecordingCache(config=model.config), use_cache=True)
-    finally:
-        model.set_attn_implementation(previous)
+    with using_attention(model, _PROBE_NAME, record), torch.no_grad():
+        model(input_ids=ids, cache=RecordingCache(config=model.config), use_cache=True)
     return seen

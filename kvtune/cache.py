@@ -12,8 +12,10 @@ Two ways to read it:
 
 * the reference path (any device): ``update`` returns K/V dequantized in full and the model's
   usual attention runs over them;
-* the fused path (CUDA, see :mod:`kvtune.fused`): ``update`` only stores, and the attention reads
-  the packed prefix and the tail directly with the Triton decode kernel.
+* the fused path (CUDA, see :mod:`kvtune.fused`), inside ``with cache.fused_decoding(model):``
+  (:meth:`MixedPrecisionCache.fused_decoding`): ``update`` only stores, and the attention reads the
+  packed prefix and the tail directly with the Triton decode kernel. The model attends as before
+  once the block ends.
 
 On CUDA new tokens are quantized and packed by the Triton kernel, which writes the same bytes as
 the PyTorch quantizer.
@@ -21,12 +23,14 @@ the PyTorch quantizer.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvtune import fused
+from kvtune.arch import describe, layer_types
 from kvtune.plan import LayerPlan, ModelShape, Plan, resolve_plan
 from kvtune.quant import QuantizedTensor, QuantSpec, fake_quantize, quantize
 
@@ -183,6 +187,12 @@ class _Stream:
         t = 0 if self.tail is None else self.tail.numel() * 2
         return q + t
 
+    def allocated_bytes(self) -> int:
+        """Bytes of the tensors this stream holds now: spare growth capacity and dropped rows
+        included, the tail in the model's dtype, engine formats as their dequantized values."""
+        buffers = [g.buffer for g in (self._store or ())] + ([self._engine.buffer] if self._engine is not None else [])
+        return sum(b.nbytes for b in buffers) + (0 if self.tail is None else self.tail.nbytes)
+
     def copy(self) -> _Stream:
         """An independent stream holding the same tokens (growable buffers are written in place)."""
         twin = _Stream(self.spec, self.residual)
@@ -215,6 +225,8 @@ class MixedPrecisionLayer(DynamicLayer):
         # padding never enters a quantization group, a scale or a byte count.
         self.left_padding = list(left_padding) if left_padding and any(left_padding) else None
         self.fused_decode = fused_decode and not window and self.left_padding is None  # the kernel reads whole streams
+        self.read_by_kernel = False  # inside MixedPrecisionCache.fused_decoding(): the fused attention reads this layer
+        self.handed_over: tuple | None = None  # (tag, key streams, value streams) for this call's fused attention
         self.is_sliding = bool(window)
         self.cumulative_length = 0
         self._k = _Stream(layer_plan.key, layer_plan.residual)
@@ -256,11 +268,11 @@ class MixedPrecisionLayer(DynamicLayer):
         self.cumulative_length += key_states.shape[-2]
         new = key_states.shape[-2]
         integer = not (self.plan.key.is_engine or self.plan.value.is_engine)
-        if self.fused_decode and integer and self.cumulative_length > new:
+        if self.read_by_kernel and integer and self.cumulative_length > new:
             self._k.store(key_states)
             self._v.store(value_states)
             if self._k.num_tail >= new and self._v.num_tail >= new:  # this call's tokens still unrounded
-                fused.hand_over(self.layer_idx, key_states, (self._k.quantized, self._k.tail), (self._v.quantized, self._v.tail))
+                self.handed_over = (key_states, (self._k.quantized, self._k.tail), (self._v.quantized, self._v.tail))
                 return key_states, value_states  # the fused attention reads the cache, not these
             return self._k.read(key_states), self._v.read(value_states)
         keys, values = self._k.append(key_states), self._v.append(value_states)
@@ -271,6 +283,12 @@ class MixedPrecisionLayer(DynamicLayer):
             self._k.drop_before(first)
             self._v.drop_before(first)
         return keys, values
+
+    def take_handed_over(self, tag: torch.Tensor) -> tuple | None:
+        """(key streams, value streams) that ``update`` kept for the attention called with ``tag``
+        (the keys it returned); None for any other call. Taken once."""
+        handed, self.handed_over = self.handed_over, None
+        return handed[1:] if handed is not None and handed[0] is tag else None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if not self.window:
@@ -290,6 +308,10 @@ class MixedPrecisionLayer(DynamicLayer):
         if self._rows is not None:
             return sum(k.nbytes() + v.nbytes() for k, v in self._rows)
         return self._k.nbytes() + self._v.nbytes()
+
+    def allocated_bytes(self) -> int:
+        streams = [s for pair in self._rows for s in pair] if self._rows is not None else [self._k, self._v]
+        return sum(s.allocated_bytes() for s in streams)
 
     def reset(self) -> None:
         self.cumulative_length = 0
@@ -348,7 +370,7 @@ def _left_pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
 
 
 class MixedPrecisionCache(Cache):
-    """``model.generate(..., past_key_values=load_cache(model, plan))``.
+    """``model.generate(..., cache=load_cache(model, plan))``.
 
     One :class:`MixedPrecisionLayer` per planned attention layer. With ``config`` (a hybrid model),
     the layers outside the plan (linear attention, convolution, none) get the cache layers
@@ -363,8 +385,6 @@ class MixedPrecisionCache(Cache):
         if config is not None:
             from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
 
-            from kvtune.arch import layer_types
-
             types, kwargs = layer_types(config)
             others = {i: DYNAMIC_LAYER_TYPE_MAPPING[t](**kw) for i, (t, kw) in enumerate(zip(types, kwargs)) if i not in planned}
             count = len(types)
@@ -378,8 +398,37 @@ class MixedPrecisionCache(Cache):
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:
-        """Bytes held now by the planned layers: packed codes, fp16 scales/zeros and the residual tails at fp16."""
+        """Logical bytes of the tokens the planned layers hold now, as the plan counts them (packed
+        codes, fp16 scales/zeros, residual tails at fp16; engine formats at the engine's size)."""
         return sum(layer.nbytes() for layer in self.layers if isinstance(layer, MixedPrecisionLayer))
+
+    def allocated_bytes(self) -> int:
+        """Bytes the planned layers' tensors occupy now: the store grows by doubling (up to twice
+        :meth:`nbytes`), tails are in the model's dtype, and engine formats are simulated as
+        dequantized values — a serving engine's packed pages are :meth:`nbytes`."""
+        return sum(layer.allocated_bytes() for layer in self.layers if isinstance(layer, MixedPrecisionLayer))
+
+    @contextmanager
+    def fused_decoding(self, model):
+        """Within the block ``model``'s decode steps read this cache's packed K/V with the Triton
+        kernel (the layers built with ``fused_decode``), and after it the model attends as it did::
+
+            with cache.fused_decoding(model):
+                model.generate(**inputs, cache=cache)
+
+        Outside the block, or with no such layer, the cache serves the reference path."""
+        readers = {layer.layer_idx: layer for layer in self.layers if isinstance(layer, MixedPrecisionLayer) and layer.fused_decode}
+        if not readers:
+            yield self
+            return
+        for layer in readers.values():
+            layer.read_by_kernel = True
+        try:
+            with fused.attending(model, readers):
+                yield self
+        finally:
+            for layer in readers.values():
+                layer.read_by_kernel, layer.handed_over = False, None
 
 
 def left_padding_of(attention_mask: torch.Tensor | None) -> list[int] | None:
@@ -400,15 +449,14 @@ def load_cache(model, plan: Plan | str | Path, fused_decode: bool | None = None,
     ``plan`` is a :class:`Plan`, a plan file, or a plan name (``"uniform:k4v2"``, ``"kivi:2"``,
     ``"fp16"``), named plans sized to the model.
 
-    ``fused_decode`` (default: whether the model is on CUDA) switches the model to the
-    ``kvtune_fused`` attention so decode steps read the packed cache with the Triton kernel.
+    ``fused_decode`` (default: whether the model is on CUDA with plain softmax attention) builds
+    layers that the Triton decode kernel can read, inside ``with cache.fused_decoding(model):``.
+    The model itself is left as it is.
 
     ``attention_mask``: the left-padded batch's mask (as ``generate`` gets it); padded rows are then
     stored from their first real token, so padding changes no group, scale or byte count.
     """
-    from kvtune.models import check_supported
-
-    arch = check_supported(model)
+    arch = describe(model)
     if not isinstance(plan, Plan):
         plan = resolve_plan(plan, arch.shape.num_layers, arch.shape.head_dim)
     plan.check_model(arch.shape, getattr(model, "name_or_path", "the model"))
@@ -417,6 +465,4 @@ def load_cache(model, plan: Plan | str | Path, fused_decode: bool | None = None,
     left_padding = left_padding_of(attention_mask)
     if left_padding is not None and any(left_padding):
         fused_decode = False
-    if fused_decode:
-        fused.enable(model)
     return MixedPrecisionCache(plan, fused_decode, arch.shape, model.config, left_padding)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -34,7 +36,10 @@ def _command(on_interrupt: str = "interrupted; nothing half-written was left in 
         @functools.wraps(function)
         def run(*args, **kwargs):
             try:
-                return function(*args, **kwargs)
+                with contextlib.ExitStack() as quiet:
+                    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone prints results; all print errors
+                        quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+                    return function(*args, **kwargs)
             except KvtuneError as e:
                 _fail(e)
             except KeyboardInterrupt:
@@ -247,7 +252,7 @@ def profile(
     overwrite: bool = typer.Option(False, "--overwrite", "--fresh", help="Discard what --out holds (partial or finished) instead of resuming."),
 ):
     """Per-layer sensitivity to every candidate (K bits, V bits) pair; resumes an interrupted run."""
-    from kvtune.formats import resolve_formats
+    from kvtune.plan import resolve_formats
     from kvtune.inputs import parse_layers
     from kvtune.profiling import ProfileSettings, run_profile
 

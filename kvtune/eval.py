@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from kvtune import tasks
 from kvtune.cache import load_cache
 from kvtune.data import DEFAULT_DATA, load_corpus, load_windows
+from kvtune.distributed import ranks
 from kvtune.errors import KvtuneError
 from kvtune.models import DEFAULT_MODEL, canonical_name, load_model, load_tokenizer, model_shape
 from kvtune.perplexity import token_nll
@@ -109,7 +110,11 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True, out: str | Pat
     """One row per plan: nominal bits, real cache bytes at ``context_for_bytes``, held-out PPL,
     and each task's accuracy. With ``out`` the table is also saved there (:func:`save_table`),
     which is checked, like every other input, before the model loads."""
-    check_settings(settings, out, stem, overwrite)
+    group = ranks()  # under torchrun: every rank checks, windows are split, rank 0 writes
+    group.checked(check_settings, settings, out, stem, overwrite)
+    if settings.lm_eval and group.size > 1:
+        raise KvtuneError("--lm-eval runs in one process (lm-eval splits its own work with accelerate); start it without torchrun")
+    progress = progress and group.is_main
     tokenizer = load_tokenizer(settings.model)
     windows = load_windows(tokenizer, settings.split, settings.seq_len, settings.windows, settings.seed, settings.data,
                            option="--windows")
@@ -155,12 +160,12 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True, out: str | Pat
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
     table = pd.DataFrame(rows)
-    if out is not None:
-        save_table(table, settings, out, stem)
+    if out is not None and group.is_main:
+        save_table(table, settings, out, stem, world_size=group.size)
     return table
 
 
-def save_table(table: pd.DataFrame, settings: EvalSettings, out_dir: str | Path, stem: str = "ppl") -> Path:
+def save_table(table: pd.DataFrame, settings: EvalSettings, out_dir: str | Path, stem: str = "ppl", world_size: int = 1) -> Path:
     import transformers
 
     from kvtune import files
@@ -170,6 +175,7 @@ def save_table(table: pd.DataFrame, settings: EvalSettings, out_dir: str | Path,
         "model": canonical_name(settings.model),
         "settings": asdict(settings),
         "ppl_tokens_per_plan": settings.windows * (settings.seq_len - 1),
+        "world_size": world_size,  # data-parallel processes (torchrun) that made it
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
     }
     writers = {f"{stem}.csv": lambda p: table.to_csv(p, index=False)}

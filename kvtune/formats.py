@@ -467,20 +467,3 @@ def released_vllm_set(text: str) -> bool:
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
     return bool(parts) and all(p in _VLLM_RELEASED or p == "vllm-released" for p in parts)
 
-
-def resolve_formats(text: str) -> list[str]:
-    """A set name (``int``, ``int+``, ``int+g``, ``vllm``, ``llama.cpp``, ``engine``, ``all``) or a
-    comma-separated list of candidates (``k4v2``, ``k2v2g64``, ``k3v3r128``) and set names → canonical
-    names, in order, without repeats."""
-    from kvtune.errors import PlanError
-    from kvtune.plan import candidate_name, parse_candidate
-
-    text = text.strip()
-    # Set names may stand inside a list too: "int+g,k3v3r128" is int+g and one more candidate.
-    items = [p for part in text.split(",") if part.strip() for p in FORMAT_SETS.get(part.strip().lower(), (part,))]
-    if not items:
-        raise PlanError(f"--formats is empty: give one of {sorted(FORMAT_SETS)} or a list like k8v4,k[fp8]v[nvfp4]")
-    try:
-        return list(dict.fromkeys(candidate_name(*parse_candidate(p)) for p in items))
-    except PlanError as e:
-        raise PlanError(f"--formats {text!r}: {e}; named sets: {sorted(FORMAT_SETS)}") from None

@@ -205,7 +205,7 @@ def plan_lm(model, tokenizer, plan, batch_size: int = 1):
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             if plan is not None:
-                generation_kwargs["past_key_values"] = load_cache(self.model, plan, fused_decode=False,
+                generation_kwargs["cache"] = load_cache(self.model, plan, fused_decode=False,
                                                                   attention_mask=generation_kwargs.get("attention_mask"))
                 PlanLM.generate_calls += 1
             return super()._model_generate(context, max_length, stop, **generation_kwargs)

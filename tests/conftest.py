@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +8,18 @@ import torch
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before they are defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The engines live in venvs of their own (scripts/setup_engines.sh makes them under .venvs/); where
+# they exist, the tests that run a plan inside an engine use them unless the variables say otherwise.
+VENVS = Path(__file__).resolve().parents[1] / ".venvs"
+for variable, venv in (("KVTUNE_VLLM_PYTHON", "vllm"), ("KVTUNE_LLAMA_CPP_PYTHON", "ik")):
+    if (VENVS / venv / "bin" / "python").exists():
+        os.environ.setdefault(variable, str(VENVS / venv / "bin" / "python"))
+
+# Tests that need a package kept out of kvtune's install run in that package's venv
+# (scripts/test_engines.sh); elsewhere they are deselected, not skipped, and counted in the summary.
+NEEDS = {"needs_vllm": ("vllm", True), "needs_lm_eval": ("lm_eval", True), "without_lm_eval": ("lm_eval", False)}
+ELSEWHERE = pytest.StashKey[dict]()
 
 # The default model and data are prepared once into $KVTUNE_HOME (default ~/.cache/kvtune),
 # shared with `kvtune run`, so the tests pay the GGUF conversion only on a fresh machine.
@@ -52,3 +66,37 @@ def tiny_model_dir(tmp_path_factory, default_model):
     tiny_llama(vocab=len(tokenizer), dtype=torch.float32).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def pytest_collection_modifyitems(config, items):
+    kept, elsewhere = [], {}
+    for item in items:
+        for marker, (module, wanted) in NEEDS.items():
+            if item.get_closest_marker(marker) and (importlib.util.find_spec(module) is not None) != wanted:
+                elsewhere.setdefault(marker, []).append(item)
+                break
+        else:
+            kept.append(item)
+    if elsewhere:
+        config.hook.pytest_deselected(items=[item for group in elsewhere.values() for item in group])
+        items[:] = kept
+    config.stash[ELSEWHERE] = {marker: len(group) for marker, group in elsewhere.items()}
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for marker, count in config.stash.get(ELSEWHERE, {}).items():
+        terminalreporter.write_line(f"{count} tests marked {marker} run in their own venv: scripts/test_engines.sh")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With KVTUNE_NO_SKIPS=1 (CI) a skipped test fails the run, unless it needs hardware this
+    machine lacks (a reason starting "hardware:")."""
+    if os.environ.get("KVTUNE_NO_SKIPS") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = [r for r in (reporter.stats.get("skipped", []) if reporter else [])
+               if not str(r.longrepr[-1] if isinstance(r.longrepr, tuple) else r.longrepr).startswith("Skipped: hardware:")]
+    if skipped:
+        for report in skipped:
+            reporter.write_line(f"skipped without a hardware reason (KVTUNE_NO_SKIPS=1): {report.nodeid}: {report.longrepr}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,6 +1,7 @@
-"""A stand-in for an engine driver (same request and result files): the model's own unquantized
-log-probabilities, every layer reported as the request asked, and a cache capacity of zero, so the
-check around it must find the capacity wrong and the quantization effect missing."""
+"""A stand-in for an engine driver (same request and result files) that echoes the request: every
+layer reported at the dtype asked for, but computed as the model is, in float32 with no quantized
+cache, and that cache tensor (its dtype) reported as what it built; a cache capacity of zero. The
+check around it must find the tensors and the capacity wrong and the quantization effect missing."""
 
 import json
 import sys
@@ -18,8 +19,9 @@ def main(request_path, result_path):
     kwargs = request["llm_kwargs"]
     skipped = set(map(int, kwargs.get("kv_cache_dtype_skip_layers", [])))
     dtype = kwargs.get("kv_cache_dtype", "auto")
+    built = str(model.dtype).removeprefix("torch.")  # the K/V it attends to: the model's own, unquantized
     layers = [{"name": f"model.layers.{i}.self_attn.attn", "kv_cache_dtype": "auto" if i in skipped else dtype,
-               "tensor_dtype": "uint8"} for i in range(model.config.num_hidden_layers)]
+               "tensor_dtype": built, "k_scale": 1.0, "v_scale": 1.0} for i in range(model.config.num_hidden_layers)]
     json.dump({"engine": "fake", "version": "0", "block_size": 16, "num_blocks": 0, "cache_tokens": 0,
                "layers": layers, "logprobs": logprobs.tolist()}, open(result_path, "w"))
 

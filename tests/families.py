@@ -1,6 +1,6 @@
 """Tiny random-weight models of the decoder families kvtune serves, built from transformers'
 config classes (no downloads). Each keeps its family's attention quirks: GQA, sliding windows
-(Mistral, Gemma 3's sliding + global mix, gpt-oss), soft-capping (Gemma 2), sinks (gpt-oss),
+(Mistral, Gemma 3's sliding + global mix, gpt-oss), chunked attention (Llama 4), soft-capping (Gemma 2), sinks (gpt-oss),
 MoE blocks, and hybrid stacks with linear-attention or convolution layers."""
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "starcoder2": ("starcoder2", {**_LLAMA_LIKE, "sliding_window": None}),
     "gpt_oss": ("gpt_oss", {**_LLAMA_LIKE, "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
                             "sliding_window": 80, "layer_types": ["sliding_attention", "full_attention"]}),
+    # Llama 4: chunked attention (a token attends within its chunk) on three layers of four, MoE.
+    "llama4": ("llama4_text", {**_LLAMA_LIKE, "num_hidden_layers": 4, "num_local_experts": 2, "num_experts_per_tok": 1,
+                               "intermediate_size_mlp": 128, "attention_chunk_size": 80}),
     "qwen3_next": ("qwen3_next", {**_LLAMA_LIKE, **_MOE, "num_hidden_layers": 4, "linear_num_value_heads": 2,
                                   "linear_num_key_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
                                   "layer_types": ["linear_attention", "full_attention"] * 2}),
@@ -63,18 +66,19 @@ REFUSED: dict[str, tuple[str, dict, str]] = {
 }
 
 
-def config_for(family: str):
+def config_for(family: str, **overrides):
     from transformers import AutoConfig
 
     model_type, kwargs = {**FAMILIES, **{k: v[:2] for k, v in REFUSED.items()}}[family]
-    return AutoConfig.for_model(model_type, **_COMMON, **kwargs)
+    return AutoConfig.for_model(model_type, **_COMMON, **{**kwargs, **overrides})
 
 
-def tiny_model(family: str, dtype=torch.float32):
+def tiny_model(family: str, dtype=torch.float32, **overrides):
+    """``overrides`` replace config arguments (a shorter ``sliding_window``, ``attention_chunk_size``)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = config_for(family)
+    config = config_for(family, **overrides)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     model.name_or_path = f"tiny-{family}"
     return model

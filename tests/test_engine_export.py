@@ -77,6 +77,7 @@ def test_vllm_skip_list_is_written_as_separate_values(tmp_path):
     assert written["vllm_llm_kwargs"] == {"kv_cache_dtype_skip_layers": ["0", "5"]}
 
 
+@pytest.mark.needs_vllm
 def test_vllm_skip_list_round_trips_through_vllms_own_parser(tmp_path):
     """Where vLLM is importable, its engine argument parser reads the exported flags back as the layers skipped."""
     args_module = pytest.importorskip("vllm.engine.arg_utils", reason="vLLM is not installed (an optional engine)")

@@ -13,6 +13,7 @@ from kvtune import engines
 from kvtune.engines import EngineSettings, check_in_engine, engine_python, vllm_cache_tokens
 from kvtune.errors import EngineError, PlanError
 from kvtune.plan import LayerPlan, ModelShape, Plan
+from kvtune.quant import QuantSpec
 
 SMOLLM2 = ModelShape(30, 3, 64)
 
@@ -53,6 +54,37 @@ def test_the_verdict_counts_the_standard_error():
     assert engines.verdict(0.012, 0.002, 0.01) == "undecided"
 
 
+def test_vllm_acceptance_rests_on_the_tensors_and_scales_vllm_built():
+    """Layers as vLLM 0.32 builds fp8_e4m3 with layer 1 skipped (uint8 cache tensors, the model dtype
+    for the skipped one, unit scales) are accepted. A driver that repeats the requested dtype names
+    but built float32 tensors fails on the tensor dtypes alone; so does a skipped layer stored
+    quantized, a scale other than the unit scale kvtune simulated, or a missing one."""
+    shape = ModelShape(3, 3, 64)
+    plan = Plan(tuple(LayerPlan.from_pair(p) for p in ("k[fp8_e4m3]v[fp8_e4m3]", "k16v16", "k[fp8_e4m3]v[fp8_e4m3]")), shape=shape)
+    settings = EngineSettings(dtype="float32", cache_memory_mib=1)
+
+    def failed(layers, plan=plan):
+        result = {"block_size": 16, "cache_tokens": vllm_cache_tokens(plan, shape, 1 << 20, 16, "float32"), "layers": layers}
+        accepted, acceptance = engines._vllm_acceptance(plan, shape, result, settings)
+        assert accepted == (not acceptance["failed"])
+        return acceptance["failed"]
+
+    built = [{"name": f"model.layers.{i}.self_attn.attn", "kv_cache_dtype": dtype, "tensor_dtype": tensor, "k_scale": 1.0,
+              "v_scale": 1.0} for i, (dtype, tensor) in enumerate([("fp8_e4m3", "uint8"), ("auto", "float32"), ("fp8_e4m3", "uint8")])]
+    assert failed(built) == []
+    assert failed([{**row, "tensor_dtype": "float32"} for row in built]) == ["cache tensor dtypes"]  # the echo
+    assert failed([{**row, "tensor_dtype": "uint8"} for row in built]) == ["cache tensor dtypes"]
+    assert failed([built[0], built[1], {**built[2], "v_scale": 0.5}]) == ["k/v scales"]
+    assert failed([built[0], {**built[1], "k_scale": None}, built[2]]) == ["k/v scales"]
+    # Calibrated fp8 (dtype fp8) runs at the checkpoint's k_scale = amax / 448, not at vLLM's default 1.0.
+    fp8 = LayerPlan(QuantSpec.engine("fp8", amax=8.96), QuantSpec.engine("fp8", amax=4.48))
+    calibrated = Plan((fp8, LayerPlan.from_pair("k16v16"), fp8), shape=shape)
+    rows = [{**row, "kv_cache_dtype": "fp8"} if row["tensor_dtype"] == "uint8" else row for row in built]
+    assert failed(rows, calibrated) == ["k/v scales"]
+    rows = [{**row, "k_scale": 0.02, "v_scale": 0.01} if row["tensor_dtype"] == "uint8" else row for row in rows]
+    assert failed(rows, calibrated) == []
+
+
 def test_llama_cpp_flags_become_context_parameters_and_its_log_is_read_back():
     payload = {"args": ["--cache-type-k", "q4_0", "--cache-type-v", "q4_1", "--cache-type-k-first", "q8_0,1",
                         "--cache-type-k-last", "f16,1"]}
@@ -87,17 +119,20 @@ def _importable(module):
 
 @pytest.mark.slow
 def test_the_check_reports_an_engine_that_ignored_the_plan(monkeypatch, tmp_path, tiny_model_dir):
-    """A stand-in engine that reports every layer as asked but computes in full precision and
-    reports no cache: the check must say the capacity is wrong and the engine's effect is missing."""
+    """A stand-in engine that names every layer's dtype as asked but computes in full precision
+    (float32 tensors) and reports no cache: the check must find the tensor dtypes and the capacity
+    wrong, though the names match, and the engine's effect missing."""
     fake = engines.Engine(str(Path(__file__).parent / "fake_engine_driver.py"), "vllm", "json", "KVTUNE_FAKE_PYTHON", "-")
     monkeypatch.setitem(engines.ENGINES, "vllm", fake)
     settings = EngineSettings(engine="vllm", python=sys.executable, model=tiny_model_dir, seq_len=32, windows=3, tolerance=0.0)
     with pytest.raises(PlanError, match="cannot express"):
         check_in_engine("uniform:k4v4", settings, tmp_path / "refused")
     check = check_in_engine("uniform:k[fp8_e4m3]v[fp8_e4m3]", settings, tmp_path / "out", progress=False)
-    assert not check.accepted
+    assert not check.accepted and check.acceptance["failed"] == ["cache tensor dtypes", "cache tokens"]
+    assert "NOT ACCEPTED (cache tensor dtypes, cache tokens)" in check.summary()
+    assert check.acceptance["cache_tensor_dtypes_taken"] == ["float32"] * 3 != check.acceptance["cache_tensor_dtypes_wanted"]
     assert check.acceptance["cache_tokens_reported"] == 0 and check.acceptance["cache_tokens_predicted"] > 0
-    assert check.acceptance["layer_dtypes_taken"] == check.acceptance["layer_dtypes_wanted"]
+    assert check.acceptance["layer_dtypes_taken"] == check.acceptance["layer_dtypes_wanted"]  # the names alone prove nothing
     # The stand-in's plan and baseline runs are both kvtune's FP16, so the engine shows no effect.
     assert check.ppl_engine_plan == pytest.approx(check.ppl_kvtune_fp16, rel=1e-5)
     assert check.ppl_engine_baseline == pytest.approx(check.ppl_kvtune_fp16, rel=1e-5)
@@ -110,6 +145,9 @@ def test_the_check_reports_an_engine_that_ignored_the_plan(monkeypatch, tmp_path
 
 @pytest.mark.skipif(not os.environ.get("KVTUNE_VLLM_PYTHON"), reason="needs vLLM in its own environment: set KVTUNE_VLLM_PYTHON")
 def test_vllm_takes_a_released_plan_and_agrees_with_the_simulation(tmp_path):
+    vllm = engines.ENGINES["vllm"]
+    if engines.engine_device(os.environ[vllm.env], vllm.device_probe) == "cpu 0":
+        pytest.skip("hardware: vLLM's CPU build runs its FP8 cache only on x86 with AVX-512 or AMX")
     pairs = ["k16v16" if i in (0, 5) else "k[fp8_e4m3]v[fp8_e4m3]" for i in range(30)]
     plan = Plan(tuple(LayerPlan.from_pair(p) for p in pairs), name="skip-0-5")
     plan.save(tmp_path / "plan.json")

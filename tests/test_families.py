@@ -12,7 +12,11 @@ from kvtune.plan import LayerPlan, ModelShape, Plan
 from kvtune.simulate import simulate_quantization
 from tests.families import FAMILIES, REFUSED, VOCAB, config_for, tiny_model
 
-_MOE_OR_LINEAR = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_next"}  # grouped matmuls: no float64
+# Grouped matmuls, or float32 inside (Llama 4's norms and rotary): no float64.
+_MOE_OR_LINEAR = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_next", "llama4"}
+# family -> the config argument that sets its window (sliding, or Llama 4's attention chunk)
+_WINDOWED = {"mistral-sliding": "sliding_window", "gemma2": "sliding_window", "gemma3": "sliding_window",
+             "gpt_oss": "sliding_window", "llama4": "attention_chunk_size"}
 
 
 def _dtype(family):
@@ -34,7 +38,7 @@ def test_simulated_prefill_equals_decode_through_the_cache(family):
         with simulate_quantization(model, plan):
             simulated = model(input_ids=ids, use_cache=False).logits
         cache = load_cache(model, plan)
-        decoded = torch.cat([model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+        decoded = torch.cat([model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits
                              for t in range(ids.shape[1])], dim=1)
     # The reference attentions of some families (Gemma 2, gpt-oss) take their softmax in float32.
     tol = 1e-9 if _dtype(family) == torch.float64 and not arch.extras else 1e-4
@@ -50,8 +54,44 @@ def test_sixteen_bit_plan_generates_like_plain_generate(family):
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         plain = model.generate(ids, **kwargs)
-        through_cache = model.generate(ids, past_key_values=load_cache(model, Plan.uniform("k16v16", describe(model).shape.num_layers)), **kwargs)
+        through_cache = model.generate(ids, cache=load_cache(model, Plan.uniform("k16v16", describe(model).shape.num_layers)), **kwargs)
     assert torch.equal(plain, through_cache)
+
+
+@pytest.mark.parametrize("family", sorted(_WINDOWED))
+def test_generation_past_the_window_drops_what_transformers_drops(family):
+    """The window shrunk to 16, a 10-token prompt and 30 new tokens run past it. Through the 16-bit
+    plan's cache, generate gives exactly the tokens of transformers' own cache, and every windowed
+    layer then holds exactly what transformers' layer holds (the last window - 1 tokens); a K2V2
+    cache holds the bytes predicted after the drop (whole groups), fewer than without it."""
+    from dataclasses import replace
+
+    from transformers import DynamicCache
+
+    from kvtune.plan import held_tokens
+
+    model = tiny_model(family, _dtype(family), **{_WINDOWED[family]: 16})
+    shape = describe(model).shape
+    assert 16 in shape.windows
+    ids, kwargs = _ids(10, seed=4), dict(max_new_tokens=30, do_sample=False, pad_token_id=0)
+    sixteen, k2v2 = (Plan.uniform(pair, shape.num_layers, group_size=8, residual=4) for pair in ("k16v16", "k2v2"))
+    with torch.no_grad():
+        theirs = DynamicCache(config=model.config)
+        plain = model.generate(ids, cache=theirs, **kwargs)
+        ours = load_cache(model, sixteen)
+        assert torch.equal(model.generate(ids, cache=ours, **kwargs), plain)
+        quantized = load_cache(model, k2v2)
+        model.generate(ids, cache=quantized, **kwargs)
+    tokens = ours.get_seq_length()
+    assert tokens == 39
+    for i in range(shape.num_layers):
+        layer, own = ours.layers[shape.model_layer(i)], theirs.layers[shape.model_layer(i)]
+        assert torch.equal(layer._k.tail, own.keys) and torch.equal(layer._v.tail, own.values)
+        assert layer._k.tail.shape[-2] == (15 if shape.window(i) else tokens)
+        held = quantized.layers[shape.model_layer(i)]._k.num_quantized
+        assert held == held_tokens(k2v2.layers[i].key, tokens, 4, shape.window(i))[0]
+    assert ours.nbytes() == sixteen.cache_bytes(shape, tokens)
+    assert quantized.nbytes() == k2v2.cache_bytes(shape, tokens) < k2v2.cache_bytes(replace(shape, windows=None), tokens)
 
 
 @pytest.mark.parametrize("family", sorted(REFUSED))
@@ -159,6 +199,23 @@ def test_model_dtype_follows_the_checkpoint_on_accelerators():
         resolve_dtype("int3", "cpu", config)
 
 
+def test_dtype_and_device_follow_the_device_map(monkeypatch):
+    """A map that keeps every module on the CPU runs in float32 even where GPUs are visible; a map or
+    strategy that reaches a GPU runs in the accelerator dtype; --device beside a map is refused."""
+    from kvtune.models import check_placement, mapped_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert mapped_device({"model": "cpu", "lm_head": "disk"}, None) == "cpu"
+    assert mapped_device({"model.layers.0": 0, "lm_head": "cpu"}, None) == "cuda"
+    assert mapped_device("auto", {"cpu": "20GiB"}) == "cpu"
+    assert mapped_device("auto", None) == "cuda"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert mapped_device("balanced", None) == "cpu"
+    with pytest.raises(ModelError, match="--device cuda:1 and --device-map both place the model"):
+        check_placement("cuda:1", None, "auto", None)
+    check_placement("cpu", None, "auto", None)  # the default --device beside a map
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_profile_search_and_ppl_run_end_to_end(family, tmp_path):
     from kvtune.eval import EvalSettings, evaluate_plans
@@ -217,5 +274,5 @@ def test_accelerate_dispatch_with_offload_gives_the_same_numbers(tmp_path, monke
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         torch.testing.assert_close(
-            spread.generate(ids[:1, :20], past_key_values=load_cache(spread, plan), **kwargs),
-            whole.generate(ids[:1, :20], past_key_values=load_cache(whole, plan), **kwargs), rtol=0, atol=0)
+            spread.generate(ids[:1, :20], cache=load_cache(spread, plan), **kwargs),
+            whole.generate(ids[:1, :20], cache=load_cache(whole, plan), **kwargs), rtol=0, atol=0)

@@ -6,8 +6,7 @@ import torch
 from kvtune import formats
 from kvtune.cache import MixedPrecisionCache
 from kvtune.errors import PlanError
-from kvtune.formats import resolve_formats
-from kvtune.plan import ModelShape, Plan, pair_name, parse_pair
+from kvtune.plan import ModelShape, Plan, pair_name, parse_pair, resolve_formats
 from kvtune.quant import QuantSpec, fake_quantize
 
 
@@ -144,7 +143,7 @@ def test_engine_plan_in_the_cache_counts_engine_bytes(tiny_model):
                  Plan.uniform("k4v2", 1).layers[0]))
     cache = MixedPrecisionCache(plan)
     ids = torch.randint(3, 200, (2, 12))
-    out = tiny_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, past_key_values=cache, pad_token_id=0)
+    out = tiny_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, cache=cache, pad_token_id=0)
     assert out.shape == (2, 18)
     assert cache.nbytes() == plan.cache_bytes(ModelShape(3, 2, 32), cache.get_seq_length(), batch=2)
     k = torch.randn(1, 2, 5, 32, dtype=torch.float64)
@@ -152,7 +151,7 @@ def test_engine_plan_in_the_cache_counts_engine_bytes(tiny_model):
 
 
 def test_set_names_may_stand_inside_a_list_of_candidates():
-    from kvtune.formats import FORMAT_SETS, resolve_formats
+    from kvtune.formats import FORMAT_SETS
 
     names = resolve_formats("int+g, k3v3r128,K4V2")
     assert len(names) == len(FORMAT_SETS["int+g"]) + 1 and names[-1] == "K3V3r128"  # K4V2 is already in int+g

@@ -109,10 +109,10 @@ def test_load_cache_takes_a_plan_name_or_file(tmp_path, tiny_model):
 
     ids = torch.tensor([[5, 17, 99, 3, 42, 8, 11, 64]])
     plain = tiny_model.generate(ids, max_new_tokens=6, do_sample=False)
-    by_name = tiny_model.generate(ids, past_key_values=kvtune.load_cache(tiny_model, "uniform:k4v2"), max_new_tokens=6,
+    by_name = tiny_model.generate(ids, cache=kvtune.load_cache(tiny_model, "uniform:k4v2"), max_new_tokens=6,
                                   do_sample=False)
     kvtune.Plan.uniform("k16v16", 3).save(tmp_path / "plan.json")
-    by_file = tiny_model.generate(ids, past_key_values=kvtune.load_cache(tiny_model, tmp_path / "plan.json"),
+    by_file = tiny_model.generate(ids, cache=kvtune.load_cache(tiny_model, tmp_path / "plan.json"),
                                   max_new_tokens=6, do_sample=False)
     assert by_name.shape == plain.shape == by_file.shape
     assert torch.equal(by_file, plain)  # 16-bit plan from a file: exactly plain generate

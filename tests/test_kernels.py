@@ -163,15 +163,16 @@ def test_fused_decode_through_the_cache_equals_the_reference_path(monkeypatch):
 
     def scores(fused):
         cache = load_cache(model, plan, fused_decode=fused)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
-                             past_key_values=cache, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        with cache.fused_decoding(model):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
+                                 cache=cache, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
         return torch.stack(out.scores), cache
 
     reference, _ = scores(False)
     assert not calls
     fused, cache = scores(True)
     assert len(calls) == 2 * 13  # every decode step of both layers went through the kernel
-    assert model.config._attn_implementation == "kvtune_fused"
+    assert model.config._attn_implementation == "sdpa"  # the fused attention was switched in for the block only
     assert cache.layers[0]._k.num_quantized > 0 and cache.layers[1]._v.num_quantized > 0  # packed data was read
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
 

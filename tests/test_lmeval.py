@@ -1,5 +1,5 @@
 """lm-evaluation-harness through the quantized cache (kvtune.lmeval). lm-eval is an optional extra:
-the tests that run it are skipped where it is missing (run them in a venv with kvtune[lm-eval])."""
+the tests that run it are deselected where it is missing and run in .venvs/lmeval (scripts/test_engines.sh)."""
 
 import importlib.util
 import json
@@ -9,8 +9,7 @@ import pytest
 from kvtune import lmeval
 from kvtune.errors import KvtuneError
 
-HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
-needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed (pip install 'kvtune[lm-eval]')")
+needs_lm_eval = pytest.mark.needs_lm_eval  # deselected where lm-eval is missing; scripts/test_engines.sh runs them
 
 
 def _heldout():
@@ -34,7 +33,7 @@ def test_next_sentence_items_come_from_held_out_text():
         lmeval.next_sentence_items(documents[:1], 10_000)
 
 
-@pytest.mark.skipif(HAS_LM_EVAL, reason="lm-eval is installed here")
+@pytest.mark.without_lm_eval
 def test_missing_lm_eval_is_a_clear_message():
     from kvtune.eval import EvalSettings, check_settings
 
@@ -57,22 +56,26 @@ def test_offline_task_folder_is_lm_eval_yaml_over_held_out_items(tmp_path, defau
 @needs_lm_eval
 @pytest.mark.slow
 def test_quantization_reaches_both_request_kinds(monkeypatch, default_model):
+    """Both request kinds read K/V through the plan: the 16-bit plan gives FP16's log-likelihoods and
+    generations exactly, K2V2 changes both; every needle request decodes through its own cache (a
+    prefill, then one-token steps on every layer), and the task score is the mean of its items."""
     from kvtune import cache as cache_module
     from kvtune.plan import Plan
 
     model, tokenizer = default_model
     settings = lmeval.LmEvalSettings(tasks=["kvtune_wiki_next", "kvtune_wiki_needle"], limit=3)
     manager = lmeval.task_manager(tokenizer, settings)
-    updates = {"n": 0}
+    caches = []  # per cache generation used: layer -> tokens of each update() call
     real_load = cache_module.load_cache
 
-    def counted_load(*args, **kwargs):  # every cache generation uses, with its update() calls counted
+    def counted_load(*args, **kwargs):
         cache = real_load(*args, **kwargs)
-        real_update = cache.update
+        real_update, calls = cache.update, {}
+        caches.append(calls)
 
-        def update(*a, **k):
-            updates["n"] += 1
-            return real_update(*a, **k)
+        def update(key_states, value_states, layer_idx, *a, **k):
+            calls.setdefault(layer_idx, []).append(key_states.shape[-2])
+            return real_update(key_states, value_states, layer_idx, *a, **k)
 
         cache.update = update
         return cache
@@ -87,12 +90,24 @@ def test_quantization_reaches_both_request_kinds(monkeypatch, default_model):
     def logliks(name):
         return [r[0][0] for s in runs[name][0]["samples"]["kvtune_wiki_next"] for r in s["resps"]]
 
+    def samples(name):
+        return runs[name][0]["samples"]["kvtune_wiki_needle"]
+
+    def generations(name):
+        return [s["resps"] for s in samples(name)]
+
+    # One cache per needle request and plan; each layer took the prompt, then single decoded tokens.
+    assert runs["k16v16"][1] == runs["k2v2"][1] == 3 and runs["fp"][1] == 0 and len(caches) == 6
+    for calls in caches:
+        assert sorted(calls) == list(range(30)) and len({len(steps) for steps in calls.values()}) == 1
+        assert all(steps[0] > 1 and len(steps) > 1 and set(steps[1:]) == {1} for steps in calls.values())
     assert logliks("k16v16") == logliks("fp")  # the 16-bit plan reproduces FP16 exactly
     assert logliks("k2v2") != logliks("fp")  # 2-bit K/V reach the log-likelihood requests
-    # Generation: one quantized cache per needle request, and its layers were updated while decoding.
-    assert runs["k2v2"][1] == 3 and runs["fp"][1] == 0
-    assert updates["n"] >= 2 * 3 * 30  # prefill and at least one decode step, every layer, both plans
-    assert lmeval.scores(runs["fp"][0])["lm-eval:kvtune_wiki_needle:exact_match"] >= 0
+    assert generations("k16v16") == generations("fp")  # and the generation requests
+    assert generations("k2v2") != generations("fp")
+    for name in runs:
+        items = [float(s["exact_match"]) for s in samples(name)]
+        assert lmeval.scores(runs[name][0])["lm-eval:kvtune_wiki_needle:exact_match"] == pytest.approx(sum(items) / 3)
 
 
 @needs_lm_eval

@@ -198,7 +198,7 @@ def test_searched_plan_is_verified_and_runs_generate(tiny_model_dir, tmp_path):
     plan = Plan.load(tmp_path / "s" / "plan.json")
     model, tokenizer = load_model(tiny_model_dir)
     ids = tokenizer(["The river", "A long time ago in"], return_tensors="pt", padding=True, padding_side="left")
-    out = model.generate(**ids, past_key_values=load_cache(model, plan), max_new_tokens=12, do_sample=False)
+    out = model.generate(**ids, cache=load_cache(model, plan), max_new_tokens=12, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 12
 
 

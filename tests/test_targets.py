@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from kvtune.export import export_plan
-from kvtune.formats import resolve_formats, vllm_forced_skips
-from kvtune.plan import LayerPlan, Plan
+from kvtune.formats import vllm_forced_skips
+from kvtune.plan import LayerPlan, Plan, resolve_formats
 from kvtune.profiling.artifact import SCHEMA, SCHEMA_VERSION, Profile
 from kvtune.search import SearchSettings, run_search
 from kvtune.search.budget import BudgetError

@@ -1,8 +1,8 @@
 """kvtune.turboquant against vLLM's own TurboQuant store and decode kernels.
 
-The vLLM tests need `import vllm` (they skip otherwise) and run vLLM's Triton
-kernels, under TRITON_INTERPRET=1 when there is no GPU:
-    TRITON_INTERPRET=1 /work/venvs/vllm/bin/python -m pytest tests/test_turboquant_vllm.py
+The vLLM tests (marker needs_vllm) need `import vllm` and run vLLM's Triton kernels, under
+TRITON_INTERPRET=1 when there is no GPU (scripts/test_engines.sh; deselected elsewhere):
+    TRITON_INTERPRET=1 .venvs/vllm/bin/python -m pytest tests/test_turboquant_vllm.py
 The reference's own invariants run anywhere, without vLLM.
 """
 
@@ -187,6 +187,7 @@ def _fp8_round_to_nearest_even(x, byte):
     return (err <= below) & (err <= above) & (~tie | (mag % 2 == 0)) & sign_ok
 
 
+@pytest.mark.needs_vllm
 def test_tables_match_vllm(vllm_tq):
     for preset in ("turboquant_4bit_nc", "turboquant_3bit_nc"):
         for d in (64, 128):
@@ -200,6 +201,7 @@ def test_tables_match_vllm(vllm_tq):
     assert set(vllm_tq.presets) == set(tq.PRESETS)
 
 
+@pytest.mark.needs_vllm
 @pytest.mark.parametrize("preset", PRESET_NAMES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -239,6 +241,7 @@ def test_store_bytes_bit_exact(vllm_tq, preset, head_dim, dtype):
     assert torch.all(cache.cpu().reshape(64, hk, -1)[untouched] == 0xA5)  # incl. the -1 token's
 
 
+@pytest.mark.needs_vllm
 @pytest.mark.parametrize("preset", PRESET_NAMES)
 @pytest.mark.parametrize("head_dim,dtype", [(64, torch.float32), (128, torch.float32), (128, torch.bfloat16)])
 def test_decode_attention_matches_fake_quantized(vllm_tq, preset, head_dim, dtype):

@@ -3,9 +3,10 @@ attention its Triton kernel computes over a cache its store kernel wrote against
 
 These run where vLLM imports (a venv of its own, never kvtune's install; docs/eval-export.md):
 
-    TRITON_INTERPRET=1 ../venvs/vllm/bin/python -m pytest -p no:cacheprovider tests/test_vllm_formats.py
+    TRITON_INTERPRET=1 .venvs/vllm/bin/python -m pytest -p no:cacheprovider tests/test_vllm_formats.py
 
-Elsewhere they are skipped, except the tests of kvtune's side alone at the bottom.
+Elsewhere they are deselected (marker needs_vllm), except the tests of kvtune's side alone at the bottom;
+scripts/test_engines.sh runs them in .venvs/vllm.
 """
 
 import os
@@ -77,6 +78,7 @@ def _codes(name, x):
     return (formats.pack_int4(codes) if name == "int4_per_token_head" else codes), scale[..., 0]
 
 
+@pytest.mark.needs_vllm
 @pytest.mark.parametrize("name", DTYPES)
 @pytest.mark.parametrize("dim", [64, 128, 96])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -93,6 +95,7 @@ def test_stored_bytes_equal_vllms_store_kernel(name, dim, dtype):
         assert torch.equal(codes.view(torch.uint8), theirs.view(torch.uint8))
 
 
+@pytest.mark.needs_vllm
 @pytest.mark.parametrize("name", DTYPES)
 def test_vllms_attention_over_its_cache_equals_kvtunes_simulation(name):
     """A whole prefill (every token attends to all before it and itself) through vLLM's Triton

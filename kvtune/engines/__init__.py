@@ -3,8 +3,9 @@
 A plan's export is run in a real serving engine, in that engine's own Python environment (never
 kvtune's install: each engine pins its own torch). Three things are checked and recorded:
 
-1. the engine took the plan: the KV dtype of every layer and the cache size it reports, beside
-   what the plan predicts;
+1. the engine took the plan: what it built, beside what the plan predicts — for vLLM every layer's
+   KV dtype, the dtype of the cache tensor it allocated and its K/V scales, and the cache capacity;
+   for llama.cpp every layer's K and V type and the cache sizes from the library's log;
 2. held-out perplexity through the engine's own log-probabilities, for the plan and for the
    engine's unquantized cache, on kvtune's held-out windows;
 3. kvtune's simulated perplexity for the same plan and windows, and the gap between the engine's
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtune.errors import EngineError
-from kvtune.formats import VLLM_CPU_DTYPES
+from kvtune.formats import CALIBRATED, E4M3_MAX, VLLM_CPU_DTYPES, VLLM_DTYPES
 from kvtune.models import DEFAULT_MODEL
 
 DRIVERS = Path(__file__).parent
@@ -70,6 +71,10 @@ ENGINES = {
     "ik-llama.cpp": Engine("llama_cpp_driver.py", "ik-llama.cpp", "ik_llama_cpp", "KVTUNE_LLAMA_CPP_PYTHON", _IK_INSTALL),
 }
 _TORCH_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The dtype of the cache tensor vLLM allocates per --kv-cache-dtype (vllm/utils/torch_utils.py,
+# STR_DTYPE_TO_TORCH_DTYPE): raw bytes for every quantized dtype but int8_per_token_head; a skipped
+# layer ("auto") holds the model dtype.
+_VLLM_TENSOR_DTYPES = {**{name: "uint8" for name in VLLM_DTYPES}, "int8_per_token_head": "int8"}
 
 
 @dataclass
@@ -119,7 +124,8 @@ class EngineCheck:
 
     def summary(self) -> str:
         verdict = {"agrees": "agrees", "disagrees": "DISAGREES", "undecided": "UNDECIDED (more --windows)"}[self.verdict]
-        return (f"{self.engine} {self.version}: plan {'accepted' if self.accepted else 'NOT ACCEPTED'}; "
+        failed = ", ".join(self.acceptance.get("failed") or ["see acceptance"])
+        return (f"{self.engine} {self.version}: plan {'accepted' if self.accepted else f'NOT ACCEPTED ({failed})'}; "
                 f"PPL engine {self.ppl_engine_plan:.3f} (its baseline {self.ppl_engine_baseline:.3f}), "
                 f"kvtune {self.ppl_kvtune_plan:.3f} (FP16 {self.ppl_kvtune_fp16:.3f}); quantization effect gap "
                 f"{self.effect_gap:+.4f} ± {self.effect_gap_se:.4f} nats/token: {verdict} within {self.tolerance}")
@@ -222,15 +228,53 @@ def _vllm_requests(payload: dict, settings: EngineSettings, model_dir: str, wind
     return {**base, "llm_kwargs": payload["vllm_llm_kwargs"]}, {**base, "llm_kwargs": {}}
 
 
+def _vllm_dtype(layer) -> str:
+    """The --kv-cache-dtype that stores ``layer`` as kvtune models it; "auto" for a skipped layer."""
+    if not (layer.key.is_quantized or layer.value.is_quantized):
+        return "auto"
+    formats = (layer.key.format, layer.value.format)
+    return next((name for name, pair in VLLM_DTYPES.items() if pair == formats), "/".join(formats))
+
+
+def _vllm_scale(spec) -> float | None:
+    """The k_scale (v_scale) vLLM must run a K (V) stream at for kvtune's simulation of it to hold:
+    1.0, vLLM's scale without checkpoint scales (also skipped layers, per-token-head and TurboQuant
+    dtypes); a calibrated fp8 amax / 448, as ModelOpt writes k_scale; None: another calibrated
+    scale, which must be there (not 1.0)."""
+    if spec.format not in CALIBRATED or spec.amax is None:
+        return 1.0
+    return spec.amax / E4M3_MAX if spec.format == "fp8" and isinstance(spec.amax, float) else None
+
+
+def _scale_taken(wanted: float | None, taken) -> bool:
+    if not isinstance(taken, (int, float)) or not 0 < taken < math.inf:
+        return False
+    return taken != 1.0 if wanted is None else math.isclose(taken, wanted, rel_tol=1e-6)
+
+
 def _vllm_acceptance(plan, shape, result: dict, settings: EngineSettings) -> tuple[bool, dict]:
-    wanted = [layer.key.format if layer.key.is_quantized else "auto" for layer in plan.layers]
-    taken = [row["kv_cache_dtype"] for row in result["layers"]]
+    """Each layer's dtype, the dtype of the cache tensor vLLM allocated for it and its K/V scales,
+    and the capacity it reports, beside what the plan implies: the tensors and the capacity are
+    what vLLM built, so a driver that only repeats the request fails."""
+    rows = result["layers"]
+    wanted = [_vllm_dtype(layer) for layer in plan.layers]
+    tensors = [settings.dtype if d == "auto" else _VLLM_TENSOR_DTYPES.get(d) for d in wanted]
+    scales = [[_vllm_scale(layer.key), _vllm_scale(layer.value)] for layer in plan.layers]
+    scales_taken = [[row.get("k_scale"), row.get("v_scale")] for row in rows]
     predicted = vllm_cache_tokens(plan, shape, settings.cache_memory_mib << 20, result["block_size"], settings.dtype)
-    ok = taken == wanted and predicted == result["cache_tokens"]
-    return ok, {"layer_dtypes_wanted": wanted, "layer_dtypes_taken": taken,
-                "cache_tensor_dtypes": [row["tensor_dtype"] for row in result["layers"]],
-                "cache_tokens_predicted": predicted, "cache_tokens_reported": result["cache_tokens"],
-                "block_size": result["block_size"], "kv_cache_memory_mib": settings.cache_memory_mib}
+    checks = {
+        "layer dtypes": [row["kv_cache_dtype"] for row in rows] == wanted,
+        "cache tensor dtypes": [row.get("tensor_dtype") for row in rows] == tensors,
+        "k/v scales": len(rows) == len(scales) and all(_scale_taken(w, t) for ws, ts in zip(scales, scales_taken)
+                                                       for w, t in zip(ws, ts)),
+        "cache tokens": predicted == result["cache_tokens"],
+    }
+    failed = [name for name, ok in checks.items() if not ok]
+    return not failed, {"failed": failed, "layer_dtypes_wanted": wanted, "layer_dtypes_taken": [row["kv_cache_dtype"] for row in rows],
+                        "cache_tensor_dtypes_wanted": tensors, "cache_tensor_dtypes_taken": [row.get("tensor_dtype") for row in rows],
+                        "kv_scales_wanted": scales, "kv_scales_taken": scales_taken,
+                        "cache_tokens_predicted": predicted, "cache_tokens_reported": result["cache_tokens"],
+                        "block_size": result["block_size"], "kv_cache_memory_mib": settings.cache_memory_mib}
 
 
 # ---- llama.cpp / ik_llama.cpp --------------------------------------------------------------------
@@ -260,7 +304,7 @@ def _llama_acceptance(plan, shape, log: str) -> tuple[bool, dict]:
 
     sizes, n_ctx = _KV_SIZE.findall(log), _N_CTX.findall(log)
     if not sizes or not n_ctx:
-        return False, {"error": "the engine's log names no KV cache size"}
+        return False, {"failed": ["cache size"], "error": "the engine's log names no KV cache size"}
     base_k, k_mib, base_v, v_mib = sizes[-1]
     tokens = int(n_ctx[-1])
     taken = {"K": [base_k] * len(plan), "V": [base_v] * len(plan)}
@@ -276,8 +320,9 @@ def _llama_acceptance(plan, shape, log: str) -> tuple[bool, dict]:
     predicted = {"K": mib([layer.key for layer in plan.layers]), "V": mib([layer.value for layer in plan.layers])}
     reported = {"K": float(k_mib), "V": float(v_mib)}
     sizes_match = all(abs(predicted[w] - reported[w]) <= 0.006 for w in "KV")  # the log rounds to 0.01 MiB
-    return taken == wanted and sizes_match, {
-        "layer_types_wanted": wanted, "layer_types_taken": taken, "cache_cells": tokens,
+    failed = [name for name, ok in (("layer types", taken == wanted), ("cache size", sizes_match)) if not ok]
+    return not failed, {
+        "failed": failed, "layer_types_wanted": wanted, "layer_types_taken": taken, "cache_cells": tokens,
         "cache_mib_predicted": {w: round(v, 3) for w, v in predicted.items()}, "cache_mib_reported": reported}
 
 

@@ -20,10 +20,12 @@ def _attention_layers(model):
             continue
         cache = getattr(module, "kv_cache", None)
         tensor = cache[0] if isinstance(cache, (list, tuple)) and cache else cache
+        # What vLLM built, never a default: a missing tensor or scale reads as None and fails the check.
+        k_scale, v_scale = getattr(module, "_k_scale_float", None), getattr(module, "_v_scale_float", None)
         rows.append({"name": name, "kv_cache_dtype": str(module.kv_cache_dtype),
-                     "tensor_dtype": str(getattr(tensor, "dtype", None)).removeprefix("torch."),
-                     "k_scale": float(getattr(module, "_k_scale_float", 1.0)),
-                     "v_scale": float(getattr(module, "_v_scale_float", 1.0))})
+                     "tensor_dtype": str(tensor.dtype).removeprefix("torch.") if hasattr(tensor, "dtype") else None,
+                     "k_scale": None if k_scale is None else float(k_scale),
+                     "v_scale": None if v_scale is None else float(v_scale)})
     return rows
 
 

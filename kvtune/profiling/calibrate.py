@@ -25,7 +25,7 @@ def calibrate_amax(model, windows: torch.Tensor, batch_size: int = 4) -> dict[st
     with torch.no_grad():
         for start in range(0, len(windows), batch_size):
             cache = DynamicCache(config=model.config)
-            model(input_ids=windows[start : start + batch_size].to(device), past_key_values=cache, use_cache=True)
+            model(input_ids=windows[start : start + batch_size].to(device), cache=cache, use_cache=True)
             for model_layer, layer in plan_index.items():
                 held = cache.layers[model_layer]
                 amax["key"][layer] = max(amax["key"][layer], held.keys.abs().max().item())

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from kvtune.arch import attention_extras, using_attention
 from kvtune.formats import CALIBRATED
 from kvtune.plan import FULL_BITS, Label, LayerPlan, candidate_name, candidate_suffix, parse_candidate, spec_from_label
 from kvtune.quant import QuantSpec
@@ -154,8 +155,6 @@ class Probe:
         self.plan_index = plan_index or {i: i for i in range(num_layers)}  # model layer -> plan position
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        from kvtune.arch import attention_extras
-
         softcap, sinks = attention_extras(module, kwargs, attention_mask, dropout)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         layer, length = self.plan_index[module.layer_idx], query.shape[-2]
@@ -264,15 +263,6 @@ def perturbed_attention(query, key, value, key_views, value_views, scaling, atte
 
 @contextmanager
 def probing(model, probe: Probe):
-    """Route the model's attention through ``probe`` (registered once with transformers)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(PROBE_NAME, probe.attention)
-    AttentionMaskInterface.register(PROBE_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(PROBE_NAME)
-    try:
+    """Route the model's attention through ``probe`` within the block; the model attends as before after it."""
+    with using_attention(model, PROBE_NAME, probe.attention, mask="eager"):
         yield probe
-    finally:
-        model.set_attn_implementation(previous)

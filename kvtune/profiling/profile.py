@@ -38,10 +38,11 @@ from tqdm.auto import tqdm
 
 from kvtune import inputs
 from kvtune.data import DEFAULT_DATA, load_windows
-from kvtune.arch import describe
+from kvtune.arch import describe, input_device
+from kvtune.distributed import Ranks, ranks
 from kvtune.errors import ProfileError
 from kvtune.formats import FORMAT_SETS
-from kvtune.models import DEFAULT_MODEL, canonical_name, input_device, load_model, load_tokenizer
+from kvtune.models import DEFAULT_MODEL, canonical_name, load_model, load_tokenizer
 from kvtune.quant import MODES
 from kvtune.plan import (
     Plan,
@@ -192,9 +193,10 @@ class _State:
     number of validation windows holds (another --validate-pair or --validate-layers only adds
     measurements)."""
 
-    def __init__(self, folder: Path, settings: ProfileSettings, fresh: bool):
+    def __init__(self, folder: Path, settings: ProfileSettings, fresh: bool, group: Ranks = Ranks()):
         self.folder = folder / STATE_DIR
-        self.path = self.folder / "progress.json"
+        self.path = self.folder / group.state_name("progress")  # under torchrun each rank resumes its own share
+        self.batches = len(group.share(range(-(-settings.windows // settings.batch_size))))
         fingerprint = settings.fingerprint()
         new = {"settings": fingerprint, "validation_windows": settings.validate_windows, "batches_done": 0,
                "stage1": None, "measured": {}, "timings": {}}
@@ -202,7 +204,7 @@ class _State:
             self.data = new
             self._check_finished(folder, settings, fresh)
             return
-        self.data = _read_progress(self.path, settings)
+        self.data = _read_progress(self.path, settings, self.batches)
         earlier = {k: v for k, v in self.data["settings"].items() if k not in VALIDATION_KEYS}
         changed = inputs.changes(earlier, inputs.comparable(fingerprint))
         if changed:
@@ -228,8 +230,9 @@ class _State:
         files.write_text(self.path, json.dumps(self.data))
 
 
-def _read_progress(path: Path, settings: ProfileSettings) -> dict:
-    """progress.json checked field by field: a corrupt file is named, never half-trusted."""
+def _read_progress(path: Path, settings: ProfileSettings, batches: int) -> dict:
+    """progress.json checked field by field: a corrupt file is named, never half-trusted.
+    ``batches``: how many batches this process computes (all of them, or a rank's share)."""
     from kvtune.files import read_json
 
     data = read_json(path, ProfileError, "profile progress file")
@@ -242,7 +245,6 @@ def _read_progress(path: Path, settings: ProfileSettings) -> dict:
     for key, kind in (("settings", dict), ("batches_done", int), ("measured", dict), ("timings", dict)):
         if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
             raise bad(f"'{key}' must be a JSON {'object' if kind is dict else 'integer'}")
-    batches = -(-settings.windows // settings.batch_size)
     if not 0 <= data["batches_done"] <= batches:
         raise bad(f"'batches_done' is {data['batches_done']}, outside 0..{batches}")
     stage1 = data.get("stage1")
@@ -402,9 +404,11 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
     import transformers
 
     out = Path(out)
-    settings, expected_shape = settings.check(out, overwrite=fresh)
+    group = ranks()  # under torchrun: each rank checks, takes every N-th batch, and rank 0 writes
+    progress = progress and group.is_main
+    settings, expected_shape = group.checked(settings.check, out, overwrite=fresh)
     c = settings.candidates()
-    state = _State(out, settings, fresh)  # refuses other settings' results before the model loads
+    state = group.checked(_State, out, settings, fresh, group)  # refuses other settings' results before the model loads
     windows = load_windows(load_tokenizer(settings.model), "calibration", settings.seq_len, settings.windows, settings.seed,
                            settings.data, option="--windows")
     model, _ = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
@@ -421,12 +425,13 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
 
     if any(label in CALIBRATED for p in c.pairs for label in p[:2]):
         # fp8 / nvfp4 scales: one constant per layer from the calibration text, before anything uses them.
-        if state.data.get("amax") is None:
-            state.data["amax"] = calibrate_amax(model, windows, settings.batch_size)
+        if state.data.get("amax") is None:  # each rank its batches, then the largest over ranks
+            mine = [windows[b : b + settings.batch_size] for b in group.share(range(0, len(windows), settings.batch_size))]
+            state.data["amax"] = group.max(calibrate_amax(model, torch.cat(mine) if mine else windows[:0], settings.batch_size))
             state.save()
         c.amax = state.data["amax"]
     acc = state.data["stage1"] or _new_stage1(shape.num_layers, c)
-    batches = list(range(0, len(windows), settings.batch_size))
+    batches = group.share(range(0, len(windows), settings.batch_size))
     start = time.perf_counter()
     for index in tqdm(range(state.data["batches_done"], len(batches)), desc="profile: gradients + attention errors",
                       disable=not progress, initial=state.data["batches_done"], total=len(batches)):
@@ -436,8 +441,9 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
         start = time.perf_counter()
         state.save()
 
+    acc = group.sum(acc)  # the one reduction: float64 sums and token counts of every rank
     wanted = [] if settings.validate_windows == 0 else _validation_targets(settings, shape.num_layers)
-    targets = [t for t in wanted if f"{t[0]}:{t[1]}" not in state.data["measured"]]
+    targets = [t for t in group.share(wanted) if f"{t[0]}:{t[1]}" not in state.data["measured"]]
     if targets:
         start = time.perf_counter()
         replay = LayerReplay(model, windows[: settings.validate_windows].to(device))
@@ -448,6 +454,8 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
             start = time.perf_counter()
             state.save()
 
+    for shared in group.gather(state.data["measured"]) if group.size > 1 else ():
+        state.data["measured"].update(shared)
     measured = {f"{layer}:{name}": state.data["measured"][f"{layer}:{name}"] for layer, name in wanted}
     table = _table(acc, measured, c)
     meta = {
@@ -462,11 +470,13 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
                  "validation_windows": settings.validate_windows},
         "tokens": acc["tokens"],
         **({"amax": c.amax} if c.amax is not None else {}),
-        "timings": state.data["timings"],
+        "timings": state.data["timings"],  # rank 0's
+        "world_size": group.size,  # data-parallel processes (torchrun) that made it
         "summary": _summary(table, c, settings),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
     }
     profile = Profile(table, meta)
-    profile.save(out)
-    save_heatmap(profile, out / HEATMAP_FILE)
+    if group.is_main:
+        profile.save(out)
+        save_heatmap(profile, out / HEATMAP_FILE)
     return profile

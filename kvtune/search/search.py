@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from kvtune.distributed import ranks
 from kvtune.errors import ModelError
 from kvtune.formats import CALIBRATED
 from kvtune.plan import LayerPlan, ModelShape, Plan, fit_candidate, parse_candidate
@@ -55,7 +56,7 @@ class SearchSettings:
     gap_tolerance: float = 0.02
     verify: int = 3
     verify_uniform: bool = True  # measure the uniform plans within budget beside the front's best
-    formats: str | None = None  # a set or list of pairs (kvtune.formats.resolve_formats); None: all profiled
+    formats: str | None = None  # a set or list of pairs (kvtune.plan.resolve_formats); None: all profiled
     # What runs the plan (kvtune.search.targets): "kvtune" (any candidate per layer), "vllm",
     # "llama.cpp", "ik-llama.cpp"; None: "vllm" for the vllm-<dtype> / vllm-released sets, else "kvtune".
     target: str | None = None
@@ -95,7 +96,7 @@ def allowed_pairs(profile: Profile, formats: str | None) -> list[int]:
     """Columns of the profile that ``--formats`` admits; every pair it names must have been profiled."""
     if formats is None:
         return list(range(len(profile.pairs)))
-    from kvtune.formats import resolve_formats
+    from kvtune.plan import resolve_formats
 
     wanted = resolve_formats(formats)
     s = profile.meta["settings"]
@@ -221,7 +222,12 @@ def check_settings(settings: SearchSettings, out: str | Path, overwrite: bool = 
 
 
 def run_search(settings: SearchSettings, out: str | Path, progress: bool = True, overwrite: bool = False) -> SearchResult:
-    budget, profile = check_settings(settings, out, overwrite)  # everything fails here, before any work
+    group = ranks()  # under torchrun: the same search on every rank, the race's windows split, rank 0 writes
+    budget, profile = group.checked(check_settings, settings, out, overwrite)  # everything fails here, before any work
+    progress = progress and group.is_main
+    if settings.verify and settings.verify_metric != "nll" and group.size > 1:
+        raise ModelError(f"--verify-metric {settings.verify_metric} races in one process (lm-eval splits its own work); "
+                         "start it without torchrun, or race on --verify-metric nll")
     out = Path(out)
     started = time.perf_counter()
     allowed = allowed_pairs(profile, settings.formats)
@@ -363,12 +369,14 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
         "chosen": int(chosen),
         "uniform_ties": uniform_ties(front, settings.verify_z) if settings.verify else [],
         "seconds": time.perf_counter() - started,
+        "world_size": group.size,
     }
     # Uniform plans drawn beside the front; a candidate with its own group has its pair's nominal
     # bits, so it is drawn only where memory is in bytes.
     references = [profile.pairs[j] for j in allowed if profile.pairs[j].lower() != "k16v16"
                   and (budget.kind == "bytes" or parse_candidate(profile.pairs[j])[2:] == (None, None))]
-    _write(out, front, plan, meta, profile, references, budget, context)
+    if group.is_main:
+        _write(out, front, plan, meta, profile, references, budget, context)
     return SearchResult(front, plan, meta)
 
 
