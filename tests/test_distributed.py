@@ -86,16 +86,18 @@ def test_every_rank_stops_with_the_same_message_on_bad_input(tmp_path):
 
 
 def test_a_killed_rank_ends_the_run_and_leaves_no_result(model_dir, tmp_path):
-    """Rank 1 dies (SIGKILL) after its first batch: torchrun ends rank 0 too and names rank 1; no
-    profile result is written (each rank's resume state stays, so a rerun continues)."""
+    """Rank 1 dies (SIGKILL) in its second batch: torchrun ends rank 0 too and names rank 1; no
+    profile result is written, and each rank's resume state stays, so a rerun continues to the
+    result one process gives."""
     (tmp_path / "die.py").write_text(textwrap.dedent("""
         import os, signal
         from kvtune.profiling import profile
-        batch = profile._profile_batch
+        batch, calls = profile._profile_batch, []
         def dying(*args, **kwargs):
-            batch(*args, **kwargs)
-            if os.environ["RANK"] == "1":
+            calls.append(1)
+            if os.environ["RANK"] == "1" and len(calls) == 2:  # its first batch is saved, the second never ends
                 os.kill(os.getpid(), signal.SIGKILL)
+            batch(*args, **kwargs)
         profile._profile_batch = dying
         from kvtune.cli import app
         app(prog_name="kvtune")
@@ -105,3 +107,21 @@ def test_a_killed_rank_ends_the_run_and_leaves_no_result(model_dir, tmp_path):
     assert done.returncode != 0
     assert "rank: 1" in done.stderr and "Signal 9" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "out" / "profile.json").exists() and not (tmp_path / "out" / "profile.csv").exists()
+    # Rerun: each rank resumes its own share and the result is one process's.
+    state = json.loads((tmp_path / "out" / "state" / "progress-rank1-of-2.json").read_text())
+    assert state["batches_done"] == 1  # rank 1 had saved its first batch before it died
+    ok(torchrun(["profile", "--model", model_dir, "--windows", "8", "--batch-size", "2", "--max-tokens", "128",
+                 "--validate-windows", "0", "--formats", "int", "--out", "out"], tmp_path))
+    ok(single(["profile", "--model", model_dir, "--windows", "8", "--batch-size", "2", "--max-tokens", "128",
+               "--validate-windows", "0", "--formats", "int", "--out", "one"], tmp_path))
+    _same_table(tmp_path / "one", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_default_model_profile_two_ranks_as_one(tmp_path):
+    """The default model (30 layers, GQA) at small settings: the same sums from 2 ranks as from 1."""
+    profile = ["profile", "--windows", "3", "--batch-size", "1", "--max-tokens", "96", "--validate-windows", "0",
+               "--formats", "int"]
+    ok(single([*profile, "--out", "one"], tmp_path))
+    ok(torchrun([*profile, "--out", "two"], tmp_path))
+    _same_table(tmp_path / "one", tmp_path / "two")
