@@ -70,6 +70,13 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
+    def merge(self, parts: dict) -> dict:
+        """The union of every rank's ``parts`` (disjoint keys: a batch start, a validation target)."""
+        merged = {}
+        for shared in self.gather(parts):
+            merged.update(shared)
+        return merged
+
     def agree(self, error: KvtuneError | None) -> None:
         """Raise on every rank when any rank found a problem (its checks before work), naming the rank,
         so that no rank starts work the others refused and none waits on a collective forever."""

@@ -37,8 +37,7 @@ def token_nll(model, windows: torch.Tensor, plan: Plan | None = None, batch_size
             ids = windows[start : start + batch_size].to(input_device(model))
             logits = model(input_ids=ids, use_cache=False).logits
             out[start] = _nll(logits[:, :-1], ids[:, 1:]).cpu()
-    for shared in group.gather(out) if group.size > 1 else ():
-        out.update(shared)
+    out = group.merge(out)
     return torch.cat([out[start] for start in sorted(out)])
 
 

@@ -128,8 +128,7 @@ def generate(model, tokenizer, prompts: list[str], cache_factory, max_new_tokens
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              cache=cache_factory(batch["attention_mask"]), pad_token_id=tokenizer.pad_token_id)
         outputs[start] = [row[batch["input_ids"].shape[1] :].tolist() for row in out]
-    for shared in group.gather(outputs) if group.size > 1 else ():
-        outputs.update(shared)
+    outputs = group.merge(outputs)
     return [row for start in sorted(outputs) for row in outputs[start]]
 
 

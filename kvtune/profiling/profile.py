@@ -454,8 +454,7 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
             start = time.perf_counter()
             state.save()
 
-    for shared in group.gather(state.data["measured"]) if group.size > 1 else ():
-        state.data["measured"].update(shared)
+    state.data["measured"] = group.merge(state.data["measured"])
     measured = {f"{layer}:{name}": state.data["measured"][f"{layer}:{name}"] for layer, name in wanted}
     table = _table(acc, measured, c)
     meta = {
