@@ -9,9 +9,15 @@ same per-head K/V the cache stores. :func:`describe` checks that with one short 
   model's own cache holds a window, and so does kvtune's (byte accounting counts the window);
 * ``linear_attention``, ``conv``, ``dummy`` (no K/V, or K/V shared from another layer): left
   outside the plan, their state kept by transformers' own cache layers;
+* a layer that attends over another layer's K/V (Gemma 3n, Gemma 4: later layers reuse the K/V
+  of the last earlier layer of their kind) is left outside the plan too: it reads what the layer
+  that owns the K/V caches, so it attends through that layer's plan entry (:attr:`Architecture.shared`);
+* layers may differ in KV heads and head size, and K and V heads in size (Gemma 4, MiMo-V2-Flash):
+  the plan's :class:`~kvtune.plan.ModelShape` lists them per layer;
 * anything else, attention that bypasses the interface (it calls SDPA itself), a cache that
-  stores something other than the attended K/V (MLA's compressed latent), or K/V shapes that
-  differ between layers: refused with a :class:`~kvtune.errors.ModelError` naming the reason.
+  stores something other than the attended K/V (MLA's compressed latent), a model that will not
+  run with transformers' standard cache: refused with a :class:`~kvtune.errors.ModelError` naming
+  the family and the reason, never a traceback.
 
 The extra arguments an attention call carries are checked by :func:`attention_extras`, shared by
 the simulated and probe attentions: soft-capping and attention sinks are honoured, sliding
@@ -53,11 +59,28 @@ class Architecture:
     layer_types: tuple[str, ...]  # per model layer, as transformers names them
     left_out: tuple[tuple[int, str], ...]  # (model layer, reason)
     extras: tuple[str, ...] = ()  # attention arguments honoured beyond plain softmax: softcap, s_aux
+    shared: tuple[tuple[int, int], ...] = ()  # (model layer, model layer whose K/V it attends over)
 
     @property
     def plan_index(self) -> dict[int, int]:
         """Model layer index → position in the plan."""
         return {self.shape.model_layer(i): i for i in range(self.shape.num_layers)}
+
+    @property
+    def attending_index(self) -> dict[int, int]:
+        """Every model layer that attends over a planned K/V → that K/V's position in the plan:
+        the planned layers and the layers that share their K/V."""
+        index = self.plan_index
+        return {**index, **{layer: index[owner] for layer, owner in self.shared}}
+
+
+def _attr(obj, name: str):
+    """A config attribute, or None where reading it fails: some configs raise on attributes that
+    differ between layers (Gemma 4's ``head_dim``) rather than answer."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # noqa: BLE001 - any failure means "the config does not say plainly"
+        return None
 
 
 def layer_types(config) -> tuple[list[str], list[dict]]:
@@ -71,15 +94,21 @@ def check_config(config, name: str = "the model") -> None:
     """Refusals that need no forward pass: architectures whose cache is not per-head K/V."""
     text = config.get_text_config(decoder=True)
     model_type = getattr(config, "model_type", "?")
-    if getattr(config, "is_encoder_decoder", False):
+    if _attr(config, "is_encoder_decoder"):
         raise ModelError(f"{name} is an encoder-decoder ({model_type!r}); kvtune tunes decoder-only models")
-    if getattr(text, "kv_lora_rank", None):
+    if _attr(text, "kv_lora_rank"):
         raise ModelError(
-            f"{name} ({model_type!r}) uses multi-head latent attention: its cache stores a compressed latent "
-            f"(kv_lora_rank {text.kv_lora_rank}), not per-head K/V, so a per-head K/V plan would not describe "
-            "what is stored; kvtune refuses it rather than quantize the wrong tensor"
+            f"{name} ({model_type!r}) uses multi-head latent attention: engines (vLLM's fp8_ds_mla, SGLang) cache the "
+            f"compressed latent (kv_lora_rank {_attr(text, 'kv_lora_rank')}) and the rope key, but transformers' "
+            "attention for this family caches the up-projected per-head K and V instead, so neither a plan of "
+            "transformers' cache (bytes and error of a cache no engine keeps) nor a faithful latent cache can be "
+            "built on it; kvtune refuses the family rather than quantize the wrong tensor"
         )
-    types, _ = layer_types(config)
+    try:
+        types, _ = layer_types(config)
+    except Exception as e:  # noqa: BLE001 - a config transformers' own cache cannot read
+        raise ModelError(f"{name} ({model_type!r}): transformers cannot tell this config's cache layer types "
+                         f"({type(e).__name__}: {e}); kvtune cannot serve it") from None
     unknown = sorted({t for t in types if t not in ATTENTION_TYPES and t not in OUTSIDE_TYPES})
     if unknown:
         raise ModelError(
@@ -92,19 +121,42 @@ def check_config(config, name: str = "the model") -> None:
 
 def config_shape(config, name: str = "the model") -> ModelShape | None:
     """The plan shape a model will have, read from its config alone (no weights), for checks made
-    before a model is loaded; None where the config does not say (then the loaded model decides).
-    tests/test_families.py checks it equals :func:`describe`'s shape for every family."""
+    before a model is loaded; None where the config does not say plainly (then the loaded model
+    decides). tests/test_families.py checks it equals :func:`describe`'s shape wherever it answers."""
     check_config(config, name)
     text = config.get_text_config(decoder=True)
+    if getattr(config, "model_type", None) in _CODE_SHAPED:
+        return None
     types, kwargs = layer_types(config)
     attention = [i for i, t in enumerate(types) if t in ATTENTION_TYPES]
-    heads = getattr(text, "num_attention_heads", None)
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads and getattr(text, "hidden_size", None) else None)
-    if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
-        return None
+    per_layer = _attr(text, "per_layer_config")
+    heads, key_dims, value_dims = [], [], []
+    for i in attention:
+        layer = _layer_view(per_layer, i) or text
+        q_heads = _attr(layer, "num_attention_heads") or _attr(text, "num_attention_heads")
+        kv = _attr(layer, "num_key_value_heads") or q_heads
+        hidden = _attr(text, "hidden_size")
+        dim = _attr(layer, "head_dim") or (hidden // q_heads if isinstance(hidden, int) and isinstance(q_heads, int) else None)
+        value_dim = _attr(layer, "v_head_dim") or dim
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (kv, dim, value_dim)):
+            return None
+        heads.append(kv)
+        key_dims.append(dim)
+        value_dims.append(value_dim)
     windows = [kwargs[i].get("sliding_window", 0) or 0 for i in attention]
-    return ModelShape(len(attention), kv_heads, head_dim, layer_ids=tuple(attention), windows=tuple(windows))
+    return ModelShape.from_layers(heads, key_dims, value_dims, layer_ids=tuple(attention), windows=tuple(windows))
+
+
+# Families whose K/V shapes are set in the modelling code, not the config (MiMo-V2-Flash doubles
+# the KV heads of its sliding layers): only the loaded model can tell.
+_CODE_SHAPED = {"mimo_v2_flash"}
+
+
+def _layer_view(per_layer, i: int):
+    try:
+        return per_layer[i] if per_layer is not None else None
+    except Exception:  # noqa: BLE001 - not indexable per layer
+        return None
 
 
 def attention_extras(module, kwargs: dict, attention_mask, dropout: float = 0.0) -> tuple[float | None, torch.Tensor | None]:
@@ -143,34 +195,44 @@ def describe(model) -> Architecture:
     name = getattr(model, "name_or_path", None) or "the model"
     config = model.config
     check_config(config, name)
+    family = f"{name} ({config.model_type!r})"
     types, kwargs = layer_types(config)
-    seen = _probe_forward(model)
+    seen = _probe_forward(model, family)
     attention = [i for i, t in enumerate(types) if t in ATTENTION_TYPES]
     missing = [i for i in attention if i not in seen]
     if missing:
         raise ModelError(
-            f"{name} ({config.model_type!r}): the attention of layer(s) {missing} does not go through transformers' "
+            f"{family}: the attention of layer(s) {missing} does not go through transformers' "
             "attention interface (the model calls its attention kernel itself), so kvtune cannot quantize what "
             "it reads; this family is not served"
         )
-    extra = sorted(set(seen) - set(attention))
-    if extra:
-        raise ModelError(f"{name}: layers {extra} attend through the interface but the config does not call them attention layers")
-    shapes = {seen[i]["kv_shape"] for i in attention}
-    if len(shapes) != 1:
-        raise ModelError(f"{name}: K/V shapes (heads, head_dim) differ between layers ({sorted(shapes)}); kvtune needs one shape")
+    shared, unexplained = [], []
+    for i in sorted(set(seen) - set(attention)):
+        owner = next((j for j in attention if j < i and seen[j]["kv_id"] == seen[i]["kv_id"]), None)
+        (unexplained.append(i) if owner is None else shared.append((i, owner)))
+    if unexplained:
+        raise ModelError(
+            f"{family}: layers {unexplained} attend through the interface over K/V that no attention layer of the "
+            f"config caches (their cache type is {sorted({types[i] for i in unexplained})}); kvtune cannot tell what "
+            "their cache holds, so this family is not served"
+        )
     for i in attention:
         if not seen[i]["cache_matches"]:
+            stored, read = seen[i]["cache_shape"], seen[i]["kv_shape"]
+            what = (f"other values than the attention reads (both {read} per head)" if stored == read
+                    else f"{stored} per head but the attention reads {read}")
             raise ModelError(
-                f"{name} layer {i}: the cache stores {seen[i]['cache_shape']} but the attention reads "
-                f"{seen[i]['kv_shape']} per head; kvtune quantizes only caches that hold the attended K/V"
+                f"{family} layer {i}: the cache stores {what}; kvtune quantizes only caches that hold the attended "
+                "K/V, so this family is not served"
             )
-    kv_heads, head_dim = shapes.pop()
     windows = [kwargs[i].get("sliding_window", 0) or 0 for i in attention]
-    shape = ModelShape(len(attention), kv_heads, head_dim, layer_ids=tuple(attention), windows=tuple(windows))
-    left_out = tuple((i, OUTSIDE_TYPES[t]) for i, t in enumerate(types) if t in OUTSIDE_TYPES)
-    extras = tuple(sorted({x for i in attention for x in seen[i]["extras"]}))
-    arch = Architecture(shape, config.model_type, tuple(types), left_out, extras)
+    shape = ModelShape.from_layers([seen[i]["heads"] for i in attention], [seen[i]["key_dim"] for i in attention],
+                                   [seen[i]["value_dim"] for i in attention], layer_ids=tuple(attention), windows=tuple(windows))
+    owners = dict(shared)
+    left_out = tuple((i, f"shares K/V with layer {owners[i]}" if i in owners else OUTSIDE_TYPES[t])
+                     for i, t in enumerate(types) if t in OUTSIDE_TYPES)
+    extras = tuple(sorted({x for i in seen for x in seen[i]["extras"]}))
+    arch = Architecture(shape, config.model_type, tuple(types), left_out, extras, tuple(shared))
     model._kvtune_architecture = (fingerprint, arch)
     return arch
 
@@ -225,8 +287,9 @@ def layer_attributes(model, attribute: str, values: dict[int, object]):
                 setattr(module, attribute, value)
 
 
-def _probe_forward(model) -> dict[int, dict]:
-    """One forward of a few tokens recording, per layer, what the attention and the cache receive."""
+def _probe_forward(model, family: str = "the model") -> dict[int, dict]:
+    """One forward of a few tokens recording, per layer, what the attention and the cache receive.
+    A failure of the model's own forward under the recording cache is a refusal naming it."""
     from transformers.cache_utils import DynamicCache
 
     seen: dict[int, dict] = {}
@@ -240,17 +303,23 @@ def _probe_forward(model) -> dict[int, dict]:
     def record(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = getattr(module, "layer_idx", None)
         if layer is None:
-            raise ModelError(f"{type(module).__name__} has no layer_idx; kvtune cannot tell its layers apart")
+            raise ModelError(f"{family}: {type(module).__name__} has no layer_idx; kvtune cannot tell its layers apart")
         softcap, sinks = attention_extras(module, kwargs, attention_mask, dropout)
         k_cached, v_cached = cached.get(layer, (None, None))
         matches = (
             k_cached is not None and v_cached is not None and k_cached.shape == key.shape and value.shape == v_cached.shape
             and torch.equal(k_cached.to(key.device), key.detach()) and torch.equal(v_cached.to(value.device), value.detach())
         )
+        k_dim, v_dim = key.shape[-1], value.shape[-1]
         seen[layer] = {
-            "kv_shape": (key.shape[1], key.shape[-1]) if key.shape[-1] == value.shape[-1] else (key.shape[1], f"K {key.shape[-1]} / V {value.shape[-1]}"),
-            "cache_shape": None if k_cached is None else tuple(k_cached.shape[1:2]) + tuple(k_cached.shape[-1:]),
+            "heads": key.shape[1], "key_dim": k_dim, "value_dim": v_dim,
+            "kv_shape": (key.shape[1], k_dim) if k_dim == v_dim else (key.shape[1], f"K {k_dim} / V {v_dim}"),
+            "cache_shape": None if k_cached is None else (
+                (k_cached.shape[1], k_cached.shape[-1]) if v_cached is None or v_cached.shape[-1] == k_cached.shape[-1]
+                else (k_cached.shape[1], f"K {k_cached.shape[-1]} / V {v_cached.shape[-1]}")),
             "cache_matches": matches,
+            # The very tensors attended: a layer handed another layer's K/V gets the same storage.
+            "kv_id": (key.data_ptr(), tuple(key.shape), value.data_ptr(), tuple(value.shape)),
             "extras": [name for name, x in (("softcap", softcap), ("s_aux", sinks)) if x is not None],
         }
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
@@ -258,5 +327,13 @@ def _probe_forward(model) -> dict[int, dict]:
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = (torch.arange(8, device=input_device(model)) % max(vocab - 1, 1) + 1).unsqueeze(0)
     with using_attention(model, _PROBE_NAME, record), torch.no_grad():
-        model(input_ids=ids, cache=RecordingCache(config=model.config), use_cache=True)
+        try:
+            model(input_ids=ids, cache=RecordingCache(config=model.config), use_cache=True)
+        except ModelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the family's code raises becomes a refusal
+            raise ModelError(
+                f"{family} does not run with transformers' standard cache and kvtune's recording attention "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}); kvtune cannot serve this family"
+            ) from None
     return seen

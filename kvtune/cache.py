@@ -378,10 +378,14 @@ class MixedPrecisionCache(Cache):
     """
 
     def __init__(self, plan: Plan, fused_decode: bool = False, shape: ModelShape | None = None, config=None,
-                 left_padding: list[int] | None = None):
+                 left_padding: list[int] | None = None, shared_owners: frozenset[int] = frozenset()):
         self.plan = plan
         shape = shape or plan.shape or ModelShape(len(plan), 1, 1)
         planned = {shape.model_layer(i): i for i in range(len(plan))}
+        # The decode kernel reads K and V of one head size, and only for the layer that calls it:
+        # layers whose K and V sizes differ, or whose K/V other layers read too (``shared_owners``,
+        # model indices), return their K/V dequantized on the reference path.
+        kernel = {i for i, p in planned.items() if fused_decode and i not in shared_owners and shape.key_dim(p) == shape.value_dim(p)}
         if config is not None:
             from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
 
@@ -391,7 +395,7 @@ class MixedPrecisionCache(Cache):
         else:
             others, count = {}, len(plan)
         layers = [
-            MixedPrecisionLayer(plan.layers[planned[i]], i, fused_decode, shape.window(planned[i]), left_padding)
+            MixedPrecisionLayer(plan.layers[planned[i]], i, i in kernel, shape.window(planned[i]), left_padding)
             if i in planned else others[i]
             for i in range(count)
         ]
@@ -458,11 +462,12 @@ def load_cache(model, plan: Plan | str | Path, fused_decode: bool | None = None,
     """
     arch = describe(model)
     if not isinstance(plan, Plan):
-        plan = resolve_plan(plan, arch.shape.num_layers, arch.shape.head_dim)
+        plan = resolve_plan(plan, arch.shape.num_layers, arch.shape.group_dim)
     plan.check_model(arch.shape, getattr(model, "name_or_path", "the model"))
     if fused_decode is None:
         fused_decode = fused.available(model)
     left_padding = left_padding_of(attention_mask)
     if left_padding is not None and any(left_padding):
         fused_decode = False
-    return MixedPrecisionCache(plan, fused_decode, arch.shape, model.config, left_padding)
+    return MixedPrecisionCache(plan, fused_decode, arch.shape, model.config, left_padding,
+                               frozenset(owner for _, owner in arch.shared))

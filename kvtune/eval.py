@@ -120,7 +120,7 @@ def evaluate_plans(settings: EvalSettings, progress: bool = True, out: str | Pat
                            option="--windows")
     model, _ = load_model(settings.model, settings.device, settings.dtype, settings.device_map, settings.max_memory)
     shape = model_shape(model)
-    plans: list[Plan] = [resolve_plan(p, shape.num_layers, shape.head_dim) for p in settings.plans]
+    plans: list[Plan] = [resolve_plan(p, shape.num_layers, shape.group_dim) for p in settings.plans]
     for plan in plans:  # refuse a bad plan before spending time on the others
         plan.check_model(shape, settings.model)
     built = _build_tasks(settings, tokenizer)

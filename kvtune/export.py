@@ -158,7 +158,7 @@ def _per_layer(plan: Plan, options: dict, target: str, nearest: bool) -> tuple[l
         fits = [(name, kv) for name, kv in options.items() if _bits(kv[0]) >= layer.key.bits and _bits(kv[1]) >= layer.value.bits]
         if not fits:
             raise PlanError(f"{target} has no setting with at least the bits of layer {i} ({layer.pair})")
-        cost = lambda kv: _layer_of(*kv, layer).cache_bytes(32768, plan.shape or ModelShape(len(plan), 1, 128))  # noqa: E731
+        cost = lambda kv: _layer_of(*kv, layer).cache_bytes(32768, plan.shape or ModelShape(len(plan), 1, 128), layer=i)  # noqa: E731
         name, kv = min(fits, key=lambda item: cost(item[1]))
         names.append(name)
         layers.append(_layer_of(*kv, layer))

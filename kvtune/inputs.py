@@ -83,7 +83,7 @@ def check_plans(specs: list[str], shape: ModelShape | None, model_name: str = "t
     plans = []
     for spec in specs:
         try:
-            plan = resolve_plan(spec, shape.num_layers if shape else 1, shape.head_dim if shape else None)
+            plan = resolve_plan(spec, shape.num_layers if shape else 1, shape.group_dim if shape else None)
             if shape is not None:
                 plan.check_model(shape, model_name)
         except PlanError as e:

@@ -8,6 +8,7 @@ validating reader, and every problem it finds is a :class:`~kvtune.errors.PlanEr
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,10 @@ from kvtune.quant import FULL_BITS, MAX_GROUP, QuantSpec
 
 SCHEMA = "kvtune.plan"
 # 2: K and V may name an engine format (fp8, nvfp4, q8_0, …); 3: fp8/nvfp4 may carry a calibrated
-# "amax". Older files still load.
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# "amax"; 4: the shape may list K/V heads and head sizes per layer (written only by plans that do,
+# so plans of models whose layers are alike stay version 3). Older files still load.
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 # KIVI's layout: keys per-channel (outlier channels get their own scale), values per-token.
 DEFAULT_KEY_MODE = "per-channel"
@@ -41,10 +43,16 @@ Label = int | str  # a K or V format inside a pair: an integer width, or an engi
 class ModelShape:
     """What of a model's architecture a plan depends on.
 
-    A plan has one entry per *attention* layer (layers with a growing K/V); ``num_layers`` counts
-    those. ``layer_ids`` gives their indices in the model where they are not simply 0..n-1 (hybrid
-    models with linear-attention or convolution layers); ``windows`` gives, per planned layer, the
-    tokens a sliding-window or chunked layer attends to (0: every token), where any layer has one.
+    A plan has one entry per *attention* layer (layers with a growing K/V of their own); ``num_layers``
+    counts those. ``layer_ids`` gives their indices in the model where they are not simply 0..n-1
+    (hybrid models with linear-attention or convolution layers, layers that read another layer's
+    K/V); ``windows`` gives, per planned layer, the tokens a sliding-window or chunked layer attends
+    to (0: every token), where any layer has one.
+
+    ``num_kv_heads`` and ``head_dim`` are the first planned layer's. Where layers differ (Gemma 4's
+    global layers have larger heads than its sliding ones), or K and V heads differ in size
+    (MiMo-V2-Flash), ``kv_heads``, ``key_dims`` and ``value_dims`` list them per planned layer; each
+    is written only where some layer differs, so a model of one shape keeps one line.
     """
 
     num_layers: int
@@ -52,6 +60,9 @@ class ModelShape:
     head_dim: int
     layer_ids: tuple[int, ...] | None = None
     windows: tuple[int, ...] | None = None
+    kv_heads: tuple[int, ...] | None = None
+    key_dims: tuple[int, ...] | None = None
+    value_dims: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim"):
@@ -60,14 +71,15 @@ class ModelShape:
                 raise PlanError(f"model shape: {name} must be a positive integer, got {value!r}")
             if value > _SHAPE_LIMITS[name]:
                 raise PlanError(f"model shape: {name} {value} is beyond any model (at most {_SHAPE_LIMITS[name]})")
-        for name in ("layer_ids", "windows"):
+        for name, low, high in (("layer_ids", 0, MAX_TOKENS), ("windows", 0, MAX_TOKENS), ("kv_heads", 1, _SHAPE_LIMITS["num_kv_heads"]),
+                                ("key_dims", 1, _SHAPE_LIMITS["head_dim"]), ("value_dims", 1, _SHAPE_LIMITS["head_dim"])):
             value = getattr(self, name)
             if value is None:
                 continue
             if not isinstance(value, (list, tuple)) or len(value) != self.num_layers or not all(
-                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_TOKENS for x in value
+                isinstance(x, int) and not isinstance(x, bool) and low <= x <= high for x in value
             ):
-                raise PlanError(f"model shape: {name} must list {self.num_layers} non-negative integers, got {value!r}")
+                raise PlanError(f"model shape: {name} must list {self.num_layers} integers from {low} to {high}, got {value!r}")
             object.__setattr__(self, name, tuple(value))
         if self.layer_ids is not None:
             if list(self.layer_ids) != sorted(set(self.layer_ids)):
@@ -76,6 +88,17 @@ class ModelShape:
                 object.__setattr__(self, "layer_ids", None)  # one spelling for "every layer"
         if self.windows is not None and not any(self.windows):
             object.__setattr__(self, "windows", None)
+        # One spelling for "every layer alike": a per-layer list equal to the scalar is dropped.
+        for name, scalar in (("kv_heads", self.num_kv_heads), ("key_dims", self.head_dim), ("value_dims", self.head_dim)):
+            value = getattr(self, name)
+            if value is not None and all(x == scalar for x in value):
+                object.__setattr__(self, name, None)
+
+    @classmethod
+    def from_layers(cls, heads: list[int], key_dims: list[int], value_dims: list[int], layer_ids=None, windows=None) -> ModelShape:
+        """The shape of planned layers given one by one (the first layer's heads and K head size are the scalars)."""
+        return cls(len(heads), heads[0], key_dims[0], layer_ids=layer_ids, windows=windows, kv_heads=tuple(heads),
+                   key_dims=tuple(key_dims), value_dims=tuple(value_dims))
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -91,24 +114,59 @@ class ModelShape:
         try:
             return cls(**data)
         except TypeError as e:
-            raise PlanError(f"{where} must hold num_layers, num_kv_heads, head_dim (and optionally layer_ids, windows): {e}") from None
+            raise PlanError(f"{where} must hold num_layers, num_kv_heads, head_dim (and optionally layer_ids, windows, "
+                            f"kv_heads, key_dims, value_dims): {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
-        if self.layer_ids is not None:
-            out["layer_ids"] = list(self.layer_ids)
-        if self.windows is not None:
-            out["windows"] = list(self.windows)
+        for name in ("layer_ids", "windows", "kv_heads", "key_dims", "value_dims"):
+            if getattr(self, name) is not None:
+                out[name] = list(getattr(self, name))
         return out
+
+    @property
+    def is_uniform(self) -> bool:
+        """Every planned layer has the same KV heads, and K and V heads one size."""
+        return self.kv_heads is None and self.key_dims is None and self.value_dims is None
+
+    def heads(self, i: int) -> int:
+        """KV heads of planned layer ``i``."""
+        return self.num_kv_heads if self.kv_heads is None else self.kv_heads[i]
+
+    def key_dim(self, i: int) -> int:
+        """K head size of planned layer ``i``."""
+        return self.head_dim if self.key_dims is None else self.key_dims[i]
+
+    def value_dim(self, i: int) -> int:
+        """V head size of planned layer ``i``."""
+        return self.head_dim if self.value_dims is None else self.value_dims[i]
+
+    def elements(self, i: int) -> int:
+        """K and V elements planned layer ``i`` caches per token (batch 1)."""
+        return self.heads(i) * (self.key_dim(i) + self.value_dim(i))
+
+    @property
+    def group_dim(self) -> int:
+        """The largest size every K and V head size is a multiple of: what a per-token group shared
+        by all layers must divide."""
+        return math.gcd(*(d for i in range(self.num_layers) for d in (self.key_dim(i), self.value_dim(i))))
 
     def describe(self) -> str:
         """``30 attention layers × 3 KV heads × head_dim 64`` (and where the layers sit, where it matters)."""
-        text = f"{self.num_layers} attention layers × {self.num_kv_heads} KV heads × head_dim {self.head_dim}"
+        if self.is_uniform:
+            text = f"{self.num_layers} attention layers × {self.num_kv_heads} KV heads × head_dim {self.head_dim}"
+        else:
+            kinds = dict.fromkeys(self._layer_text(i) for i in range(self.num_layers))
+            text = f"{self.num_layers} attention layers of {len(kinds)} shapes ({', '.join(kinds)})"
         if self.layer_ids is not None:
             text += f" (model layers {list(self.layer_ids)})"
         if self.windows is not None:
             text += f" (sliding windows {list(self.windows)})"
         return text
+
+    def _layer_text(self, i: int) -> str:
+        k, v = self.key_dim(i), self.value_dim(i)
+        return f"{self.heads(i)} KV heads × head_dim " + (str(k) if k == v else f"K {k} / V {v}")
 
     def model_layer(self, i: int) -> int:
         """The model's index of planned layer ``i``."""
@@ -188,16 +246,23 @@ class LayerPlan:
         residual = residual if window is None else window
         return cls(spec_from_label(k_label, key_mode, group), spec_from_label(v_label, value_mode, group), residual)
 
-    def cache_bytes(self, tokens: int, shape: ModelShape, batch: int = 1, window: int = 0) -> int:
-        """Real bytes of this layer's K and V after ``tokens`` tokens: packed codes, fp16
-        scales/zeros, and the full-precision residual tokens (counted at 2 bytes); a layer with a
-        sliding ``window`` counts only what it still holds (:func:`held_tokens`)."""
-        rows = batch * shape.num_kv_heads
+    def cache_bytes(self, tokens: int, shape: ModelShape, batch: int = 1, layer: int = 0) -> int:
+        """Real bytes of this layer's K and V, as planned layer ``layer`` of ``shape``, after ``tokens``
+        tokens: packed codes, fp16 scales/zeros, and the full-precision residual tokens (counted at 2
+        bytes); a layer with a sliding window counts only what it still holds (:func:`held_tokens`)."""
+        rows, window = batch * shape.heads(layer), shape.window(layer)
         total = 0
-        for spec in (self.key, self.value):
+        for spec, dim in ((self.key, shape.key_dim(layer)), (self.value, shape.value_dim(layer))):
             quantized, full = held_tokens(spec, tokens, self.residual, window)
-            total += (spec.nbytes(quantized, shape.head_dim, rows) if spec.is_quantized else 0) + 2 * full * shape.head_dim * rows
+            total += (spec.nbytes(quantized, dim, rows) if spec.is_quantized else 0) + 2 * full * dim * rows
         return total
+
+    def element_bits(self, shape: ModelShape | None = None, layer: int = 0) -> float:
+        """Nominal K bits × K elements + V bits × V elements per token of planned layer ``layer``
+        (per head and head size where no shape is given)."""
+        if shape is None:
+            return float(self.key.bits + self.value.bits)
+        return shape.heads(layer) * (self.key.bits * shape.key_dim(layer) + self.value.bits * shape.value_dim(layer))
 
 
 def _label(text: str) -> Label:
@@ -323,13 +388,18 @@ class Plan:
         """Per layer, the pair with its own group and window (:attr:`LayerPlan.candidate`)."""
         return [layer.candidate for layer in self.layers]
 
-    def nominal_bits(self) -> float:
-        """Average nominal K/V width over all layers (KVTuner's '3.25 bits' convention).
-        Layers share one shape, so each weighs the same share of the KV elements."""
-        return sum(layer.nominal_bits for layer in self.layers) / len(self.layers)
+    def nominal_bits(self, shape: ModelShape | None = None) -> float:
+        """Mean nominal width of the cached K and V elements (KVTuner's '3.25 bits' convention).
+        Where layers differ in shape (``shape``, else the plan's own), each layer weighs by the
+        elements it caches; where they do not, this is the mean of (K bits + V bits) / 2 over layers."""
+        shape = shape or self.shape
+        if shape is None or shape.is_uniform:
+            return sum(layer.nominal_bits for layer in self.layers) / len(self.layers)
+        total = sum(shape.elements(i) for i in range(len(self.layers)))
+        return sum(layer.element_bits(shape, i) for i, layer in enumerate(self.layers)) / total
 
     def cache_bytes(self, shape: ModelShape, tokens: int, batch: int = 1) -> int:
-        return sum(layer.cache_bytes(tokens, shape, batch, shape.window(i)) for i, layer in enumerate(self.layers))
+        return sum(layer.cache_bytes(tokens, shape, batch, i) for i, layer in enumerate(self.layers))
 
     def effective_bits(self, shape: ModelShape, tokens: int, batch: int = 1) -> float:
         """Real bytes relative to an unquantized cache of the same shape, in bits per element."""
@@ -345,14 +415,14 @@ class Plan:
         if self.shape is not None and self.shape != shape:
             raise PlanError(f"plan was written for a model of {self.shape.describe()}, but {model_name} has {shape.describe()}")
         for i, layer in enumerate(self.layers):
-            for which, spec in (("key", layer.key), ("value", layer.value)):
-                problem = shape_problem(spec.format, shape.head_dim) if spec.is_engine else None
+            for which, spec, dim in (("key", layer.key, shape.key_dim(i)), ("value", layer.value, shape.value_dim(i))):
+                problem = shape_problem(spec.format, dim) if spec.is_engine else None
                 if problem:
                     raise PlanError(f"layer {i} {which}: {problem} of {model_name}")
-                if spec.is_quantized and spec.mode == "per-token" and shape.head_dim % spec.group_size:
+                if spec.is_quantized and spec.mode == "per-token" and dim % spec.group_size:
                     raise PlanError(
                         f"layer {i} {which}: per-token group_size {spec.group_size} does not divide "
-                        f"head_dim {shape.head_dim} of {model_name}"
+                        f"head_dim {dim} of {model_name}"
                     )
 
     # ---- serialisation --------------------------------------------------------------------
@@ -363,7 +433,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION if self.shape is not None and not self.shape.is_uniform else 3,
             "name": self.name,
             "model": self.model,
             "shape": None if self.shape is None else self.shape.to_dict(),

@@ -153,7 +153,8 @@ def simulate_quantization(model, plan: Plan):
     the model attends as before after it."""
     arch = describe(model)
     plan.check_model(arch.shape, getattr(model, "name_or_path", "the model"))
-    layers = {model_layer: plan.layers[i] for model_layer, i in arch.plan_index.items()}
+    # A layer that shares another's K/V reads that layer's store: it attends through the same entry.
+    layers = {model_layer: plan.layers[i] for model_layer, i in arch.attending_index.items()}
     # eager masks: simulated_attention takes additive float masks
     with using_attention(model, ATTN_NAME, _attention_interface, mask="eager"), layer_attributes(model, _LAYER_PLAN, layers):
         yield model

@@ -1,7 +1,9 @@
 """Tiny random-weight models of the decoder families kvtune serves, built from transformers'
 config classes (no downloads). Each keeps its family's attention quirks: GQA, sliding windows
 (Mistral, Gemma 3's sliding + global mix, gpt-oss), chunked attention (Llama 4), soft-capping (Gemma 2), sinks (gpt-oss),
-MoE blocks, and hybrid stacks with linear-attention or convolution layers."""
+MoE blocks, hybrid stacks with linear-attention or convolution layers, layers of different K/V
+shapes (Gemma 4), K and V heads of different sizes (MiMo-V2-Flash), and layers that attend over
+another layer's K/V (Gemma 3n, Gemma 4)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, n
                    num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
 _MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             shared_expert_intermediate_size=32)
+
+_GEMMA4 = {**_LLAMA_LIKE, "num_hidden_layers": 4, "sliding_window": 80, "global_head_dim": 64, "num_global_key_value_heads": 1,
+           "attention_k_eq_v": True, "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": VOCAB,
+           "layer_types": ["sliding_attention", "full_attention"] * 2}
 
 # family -> (model_type, config arguments)
 FAMILIES: dict[str, tuple[str, dict]] = {
@@ -49,6 +55,19 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "lfm2": ("lfm2", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                       "num_key_value_heads": 2, "max_position_embeddings": 512,
                       "layer_types": ["conv", "full_attention", "conv", "full_attention"]}),
+    # Gemma 4: sliding layers of 2 KV heads × 32, global layers of 1 KV head × 64 whose V is
+    # computed from K's projection (attention_k_eq_v); per-layer inputs kept small.
+    "gemma4": ("gemma4_text", _GEMMA4),
+    # ... and its last two layers attending over the K/V of the last earlier layer of their kind.
+    "gemma4-shared": ("gemma4_text", {**_GEMMA4, "num_hidden_layers": 6, "num_kv_shared_layers": 2,
+                                      "layer_types": ["sliding_attention", "full_attention"] * 3}),
+    "gemma3n": ("gemma3n_text", {**_LLAMA_LIKE, "num_hidden_layers": 4, "sliding_window": 80, "num_kv_shared_layers": 2,
+                                 "layer_types": ["sliding_attention", "full_attention"] * 2, "hidden_size_per_layer_input": 16,
+                                 "vocab_size_per_layer_input": VOCAB, "laurel_rank": 8, "altup_num_inputs": 2,
+                                 "intermediate_size": [128] * 4, "activation_sparsity_pattern": [0.0] * 4}),
+    # MiMo-V2-Flash: K heads of 32, V heads of 128; its sliding layers have twice the KV heads; sinks.
+    "mimo_v2_flash": ("mimo_v2_flash", {**_LLAMA_LIKE, "num_hidden_layers": 4, "n_routed_experts": 4, "moe_intermediate_size": 32,
+                                        "num_experts_per_tok": 2, "v_head_dim": 128, "sliding_window": 80}),
 }
 _GPTJ = ("gptj", {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 512})
 # GPT-J called its attention kernel itself until transformers 5.24, which routes it through the
@@ -63,6 +82,8 @@ REFUSED: dict[str, tuple[str, dict, str]] = {
     "deepseek_v3": ("deepseek_v3", {**_LLAMA_LIKE, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
                                     "qk_nope_head_dim": 16, "v_head_dim": 16, "n_routed_experts": 4,
                                     "first_k_dense_replace": 3}, "latent"),
+    # MiniMax's lightning-attention layers keep a cache class of their own.
+    "minimax": ("minimax", {**_LLAMA_LIKE, **_MOE, "num_hidden_layers": 2}, "uses cache of its own"),
 }
 
 

@@ -13,10 +13,11 @@ from kvtune.simulate import simulate_quantization
 from tests.families import FAMILIES, REFUSED, VOCAB, config_for, tiny_model
 
 # Grouped matmuls, or float32 inside (Llama 4's norms and rotary): no float64.
-_MOE_OR_LINEAR = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_next", "llama4"}
+_MOE_OR_LINEAR = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_next", "llama4", "mimo_v2_flash"}
 # family -> the config argument that sets its window (sliding, or Llama 4's attention chunk)
 _WINDOWED = {"mistral-sliding": "sliding_window", "gemma2": "sliding_window", "gemma3": "sliding_window",
-             "gpt_oss": "sliding_window", "llama4": "attention_chunk_size"}
+             "gpt_oss": "sliding_window", "llama4": "attention_chunk_size", "gemma4-shared": "sliding_window",
+             "mimo_v2_flash": "sliding_window"}
 
 
 def _dtype(family):
@@ -100,6 +101,62 @@ def test_families_kvtune_cannot_serve_are_refused_with_the_reason(family):
         describe(tiny_model(family, torch.float32))
 
 
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_refused_families_get_one_clear_line_through_the_cli(family, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvtune.cli import app
+    from tests.families import save_tiny
+
+    model_dir = save_tiny(family, tmp_path / "model")
+    result = CliRunner().invoke(app, ["profile", "--model", model_dir, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert REFUSED[family][2] in result.output and family.split("_")[0] in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_config_shape_is_the_loaded_models_where_it_answers(family):
+    from kvtune.arch import config_shape
+
+    expected = config_shape(config_for(family))
+    assert expected is None or expected == describe(tiny_model(family)).shape
+
+
+def test_layers_of_different_shapes_are_planned_per_layer(tmp_path):
+    """Gemma 4: sliding layers 2 × 32, global 1 × 64. The shape lists both; nominal bits weigh
+    each layer by the elements it caches; the plan file says so (version 4) and reads back, while a
+    plan of a model whose layers are alike keeps version 3 and its one-line shape."""
+    shape = describe(tiny_model("gemma4")).shape
+    assert [(shape.heads(i), shape.key_dim(i), shape.value_dim(i)) for i in range(4)] == [(2, 32, 32), (1, 64, 64)] * 2
+    assert shape.group_dim == 32 and not shape.is_uniform
+    plan = Plan((LayerPlan.from_pair("k4v4"), LayerPlan.from_pair("k2v2")) * 2, shape=shape)
+    assert plan.nominal_bits() == 3.0  # 2 × 32 and 1 × 64 elements: equal weights here
+    plan = Plan((LayerPlan.from_pair("k8v8"), LayerPlan.from_pair("k2v2"), LayerPlan.from_pair("k2v2"), LayerPlan.from_pair("k2v2")),
+                shape=shape)
+    assert plan.nominal_bits() == (8 * 128 + 2 * 128 * 3) / (128 * 4)
+    saved = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert saved.to_dict()["schema_version"] == 4 and saved.shape == shape
+    assert saved.to_dict()["shape"]["kv_heads"] == [2, 1, 2, 1]
+    alike = describe(tiny_model("llama")).shape
+    data = Plan(plan.layers[:3], shape=alike).to_dict()
+    assert data["schema_version"] == 3 and set(data["shape"]) == {"num_layers", "num_kv_heads", "head_dim"}
+    with pytest.raises(Exception, match="beyond any model|must list 4 integers"):
+        ModelShape(4, 2, 32, key_dims=(32, 32, 0, 32))
+    mimo = describe(tiny_model("mimo_v2_flash")).shape
+    assert {mimo.key_dim(i) for i in range(4)} == {32} and {mimo.value_dim(i) for i in range(4)} == {128}
+    k2v4 = Plan.uniform("k2v4", 4)
+    assert k2v4.nominal_bits(mimo) == (2 * 32 + 4 * 128) / 160  # V's larger heads weigh more
+
+
+def test_layers_that_share_k_v_are_left_out_and_named():
+    for family, shared in (("gemma4-shared", ((4, 2), (5, 3))), ("gemma3n", ((2, 0), (3, 1)))):
+        arch = describe(tiny_model(family))
+        assert arch.shared == shared
+        assert [(i, reason) for i, reason in arch.left_out] == [(i, f"shares K/V with layer {owner}") for i, owner in shared]
+        assert arch.attending_index[shared[0][0]] == arch.plan_index[shared[0][1]]
+
+
 def test_layer_kinds_are_read_from_the_model():
     gemma3 = describe(tiny_model("gemma3"))
     assert gemma3.shape.windows == (80, 0, 80, 0) and gemma3.shape.layer_ids is None
@@ -158,7 +215,7 @@ def test_sliding_cache_bytes_at_32k_equal_what_it_holds_and_beat_fp16_sliding():
         sliding_layer = cache.layers[0]
         held = sliding_layer.nbytes()
         fp16_held = fp16_sliding.keys.numel() * 2 + fp16_sliding.values.numel() * 2
-        assert held == plan.layers[0].cache_bytes(context, shape, window=window)
+        assert held == plan.layers[0].cache_bytes(context, shape, layer=0)
         if pair == "k16v16":
             assert held == fp16_held  # the same tokens as transformers' own sliding cache
         else:

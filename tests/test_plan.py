@@ -68,7 +68,7 @@ def _mutated(fn):
         ("{not json", "not valid JSON"),
         ([1, 2], "must be a JSON object"),
         (_mutated(lambda d: d.update(schema="other")), "not a kvtune plan"),
-        (_mutated(lambda d: d.update(schema_version=4)), "schema_version 4 is not supported"),
+        (_mutated(lambda d: d.update(schema_version=5)), "schema_version 5 is not supported"),
         (_mutated(lambda d: d.pop("schema_version")), "schema_version None is not supported"),
         (_mutated(lambda d: d.update(extra=1)), r"unknown field\(s\) \['extra'\]"),
         (_mutated(lambda d: d.update(layers=[])), "non-empty list"),

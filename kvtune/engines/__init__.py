@@ -183,12 +183,13 @@ def vllm_cache_tokens(plan, shape, memory_bytes: int, block_size: int, dtype: st
     """Tokens released vLLM fits in ``memory_bytes`` of KV cache: every layer holds every token, a
     quantized layer the bytes one more token adds to its format's store (codes and per-token scales,
     not per-tensor constants), a skipped one the model dtype's bytes."""
-    def per_token(spec) -> int:
+    def per_token(spec, dim: int, heads: int) -> int:
         if not spec.is_quantized:
-            return shape.num_kv_heads * shape.head_dim * _TORCH_BYTES[dtype]
-        return spec.nbytes(2, shape.head_dim, shape.num_kv_heads) - spec.nbytes(1, shape.head_dim, shape.num_kv_heads)
+            return heads * dim * _TORCH_BYTES[dtype]
+        return spec.nbytes(2, dim, heads) - spec.nbytes(1, dim, heads)
 
-    total = sum(per_token(layer.key) + per_token(layer.value) for layer in plan.layers)
+    total = sum(per_token(layer.key, shape.key_dim(i), shape.heads(i)) + per_token(layer.value, shape.value_dim(i), shape.heads(i))
+                for i, layer in enumerate(plan.layers))
     return memory_bytes // (total * block_size) * block_size
 
 
@@ -312,12 +313,12 @@ def _llama_acceptance(plan, shape, log: str) -> tuple[bool, dict]:
         taken[which][int(layer)] = name
     wanted = {"K": [_LLAMA_CPP_TYPES[label_of(layer.key)] for layer in plan.layers],
               "V": [_LLAMA_CPP_TYPES[label_of(layer.value)] for layer in plan.layers]}
-    rows = shape.num_kv_heads
+    def mib(specs, dim_of):
+        return sum(s.nbytes(tokens, dim_of(i), shape.heads(i)) if s.is_quantized else 2 * tokens * dim_of(i) * shape.heads(i)
+                   for i, s in enumerate(specs)) / 2**20
 
-    def mib(specs):
-        return sum(s.nbytes(tokens, shape.head_dim, rows) if s.is_quantized else 2 * tokens * shape.head_dim * rows for s in specs) / 2**20
-
-    predicted = {"K": mib([layer.key for layer in plan.layers]), "V": mib([layer.value for layer in plan.layers])}
+    predicted = {"K": mib([layer.key for layer in plan.layers], shape.key_dim),
+                 "V": mib([layer.value for layer in plan.layers], shape.value_dim)}
     reported = {"K": float(k_mib), "V": float(v_mib)}
     sizes_match = all(abs(predicted[w] - reported[w]) <= 0.006 for w in "KV")  # the log rounds to 0.01 MiB
     failed = [name for name, ok in (("layer types", taken == wanted), ("cache size", sizes_match)) if not ok]

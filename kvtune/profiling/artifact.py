@@ -18,7 +18,15 @@ from kvtune.profiling.calibrate import amax_problem
 from kvtune.plan import ModelShape, candidate_name, parse_candidate
 
 SCHEMA = "kvtune.profile"
-SCHEMA_VERSION = 1
+# 2: the shape may list K/V heads and head sizes per layer; written only by profiles that do, so a
+# profile of a model whose layers are alike stays version 1.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+def schema_version(shape: ModelShape) -> int:
+    """The version a profile of ``shape`` is written with: the lowest that can state it."""
+    return 1 if shape.is_uniform else SCHEMA_VERSION
 TABLE_FILE, META_FILE, HEATMAP_FILE = "profile.csv", "profile.json", "heatmap.png"
 MAX_VALUE = 1e6  # no per-token loss estimate or relative error comes near it; larger is corruption
 
@@ -105,9 +113,9 @@ def _validate(table: pd.DataFrame, meta, where: Path) -> None:
         raise ProfileError(f"{where}/{META_FILE} must hold a JSON object")
     if meta.get("schema") != SCHEMA:
         raise ProfileError(f"{where} is not a kvtune profile: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
-    if meta.get("schema_version") != SCHEMA_VERSION:
+    if meta.get("schema_version") not in READABLE_VERSIONS:
         raise ProfileError(
-            f"{where}: profile schema_version {meta.get('schema_version')!r} is not supported (this kvtune reads {SCHEMA_VERSION})"
+            f"{where}: profile schema_version {meta.get('schema_version')!r} is not supported (this kvtune reads {list(READABLE_VERSIONS)})"
         )
     try:
         shape = ModelShape.from_dict(meta.get("shape"), "'shape'")

@@ -152,7 +152,8 @@ class Probe:
         self.c = candidates
         self.captures: dict[int, LayerCapture] = {}
         self.errors = [ErrorSums() for _ in range(num_layers)]
-        self.plan_index = plan_index or {i: i for i in range(num_layers)}  # model layer -> plan position
+        # model layer -> plan position; layers that share a planned layer's K/V map to its position
+        self.plan_index = plan_index or {i: i for i in range(num_layers)}
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         softcap, sinks = attention_extras(module, kwargs, attention_mask, dropout)
@@ -163,9 +164,19 @@ class Probe:
         # gives every pattern's gradient.
         key_views = {self.c.pattern(s, "key"): s for s in self.c.key_sides}
         value_views = {self.c.pattern(s, "value"): s for s in self.c.value_sides}
-        dk = {p: torch.zeros_like(key, requires_grad=True) for p in key_views}
-        dv = {p: torch.zeros_like(value, requires_grad=True) for p in value_views}
-        self.captures[layer] = LayerCapture(key.detach(), value.detach(), dk, dv)
+        owner = self.captures.get(layer)
+        if owner is not None:
+            # Visited twice in one forward: a layer reading another layer's K/V (Gemma 3n/4). It
+            # perturbs the same store, so the gradient sums both readers (.to() keeps it flowing
+            # across devices), and its output errors count towards the owner's.
+            if owner.key.shape != key.shape or owner.value.shape != value.shape:
+                raise RuntimeError(f"layer {module.layer_idx} shares the K/V of plan layer {layer} but reads another shape")
+            dk = {p: t.to(key.device) for p, t in owner.dk.items()}
+            dv = {p: t.to(value.device) for p, t in owner.dv.items()}
+        else:
+            dk = {p: torch.zeros_like(key, requires_grad=True) for p in key_views}
+            dv = {p: torch.zeros_like(value, requires_grad=True) for p in value_views}
+            self.captures[layer] = LayerCapture(key.detach(), value.detach(), dk, dv)
         out = perturbed_attention(
             query, key, value,
             [(dk[p], self.c.seen(s, "key", length, query.device)) for p, s in key_views.items()],

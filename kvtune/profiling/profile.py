@@ -57,7 +57,7 @@ from kvtune.plan import (
     parse_candidate,
     parse_pair,
 )
-from kvtune.profiling.artifact import HEATMAP_FILE, SCHEMA, SCHEMA_VERSION, Profile, save_heatmap, spearman
+from kvtune.profiling.artifact import HEATMAP_FILE, SCHEMA, Profile, save_heatmap, schema_version, spearman
 from kvtune.profiling.measure import LayerReplay
 from kvtune.formats import CALIBRATED
 from kvtune.profiling.calibrate import amax_problem, calibrate_amax
@@ -137,12 +137,13 @@ class ProfileSettings:
         inputs.check_layers(self.validate_layers, shape)
         check_data(self.data)
         settings = self
-        if shape is not None and shape.head_dim % self.group_size and self.group_size == DEFAULT_GROUP_SIZE:
-            fitted = fit_group_size(shape.head_dim, self.group_size)
-            print(f"kvtune: note: head_dim {shape.head_dim} is not a multiple of the default group {self.group_size}; "
+        if shape is not None and shape.group_dim % self.group_size and self.group_size == DEFAULT_GROUP_SIZE:
+            fitted = fit_group_size(shape.group_dim, self.group_size)
+            sizes = f"head_dim {shape.head_dim}" if shape.is_uniform else f"the head sizes (largest common divisor {shape.group_dim})"
+            print(f"kvtune: note: {sizes} is not a multiple of the default group {self.group_size}; "
                   f"per-token groups of {fitted} are used (--group-size overrides)")
             settings = replace(self, group_size=fitted)
-        settings = _fit_candidate_groups(settings, None if shape is None else shape.head_dim)
+        settings = _fit_candidate_groups(settings, None if shape is None else shape.group_dim)
         c = settings.candidates()
         for name, p in zip(c.names, c.pairs):
             plan = c.layer_plan(*p)
@@ -150,11 +151,10 @@ class ProfileSettings:
             if self.seq_len <= plan.residual + group:
                 raise ProfileError(f"candidate {name}: windows of {self.seq_len} tokens leave nothing to quantize with its "
                                    f"window {plan.residual} and group {group}; use a longer --max-tokens")
-        if shape is not None:  # every candidate must fit the head size (a per-token group divides it)
-            single = replace(shape, num_layers=1, layer_ids=None, windows=None)
+        if shape is not None:  # every candidate must fit every layer's head sizes (a per-token group divides them)
             for name, p in zip(c.names, c.pairs):
                 try:
-                    Plan((c.layer_plan(*p),)).check_model(single)
+                    Plan((c.layer_plan(*p),) * shape.num_layers).check_model(shape)
                 except ValueError as e:
                     option = f"--group-size {settings.group_size}" if p[2] is None else f"candidate {name}"
                     raise ProfileError(f"{option}: {str(e).split(': ', 1)[-1]}") from None
@@ -290,7 +290,7 @@ def _new_stage1(num_layers: int, c: Candidates) -> dict:
 
 
 def _profile_batch(model, ids: torch.Tensor, c: Candidates, acc: dict) -> None:
-    probe = Probe(c, len(acc["reference"]), describe(model).plan_index)
+    probe = Probe(c, len(acc["reference"]), describe(model).attending_index)
     with probing(model, probe):
         logits = model(input_ids=ids, use_cache=False).logits
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
@@ -459,7 +459,7 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
     table = _table(acc, measured, c)
     meta = {
         "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version(shape),
         "model": canonical_name(settings.model),
         "shape": shape.to_dict(),
         "left_out": [{"layer": i, "reason": why} for i, why in left_out],

@@ -102,7 +102,7 @@ def allowed_pairs(profile: Profile, formats: str | None) -> list[int]:
     s = profile.meta["settings"]
     # As the profile named them: its own group or window dropped, groups fitted to the head size.
     per_token = "per-token" in (s["key_mode"], s["value_mode"])
-    wanted = list(dict.fromkeys(fit_candidate(p, s["group_size"], s["residual"], profile.shape.head_dim, per_token) for p in wanted))
+    wanted = list(dict.fromkeys(fit_candidate(p, s["group_size"], s["residual"], profile.shape.group_dim, per_token) for p in wanted))
     missing = [p for p in wanted if p not in profile.pairs]
     if missing:
         raise BudgetError(
@@ -115,12 +115,14 @@ def allowed_pairs(profile: Profile, formats: str | None) -> list[int]:
 def memory_tables(candidates: list[LayerPlan], shape: ModelShape, budget: Budget, context: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(nominal-bit shares, bytes per layer) of each candidate as (layers, pairs) arrays, and the context used for bytes."""
     context = budget.context or context
-    bits = np.array([c.nominal_bits for c in candidates]) / shape.num_layers
     n = shape.num_layers
+    # A layer's share of the mean nominal width is its elements' share (layers alike: 1/n each).
+    total = sum(shape.elements(i) for i in range(n))
+    bits = np.array([[c.element_bits(shape, i) / total for c in candidates] for i in range(n)], dtype=float)
     # Sliding-window layers hold only their window, so a pair's bytes depend on the layer.
-    per_layer_bytes = np.array([[c.cache_bytes(context, shape, budget.batch, shape.window(i)) for c in candidates]
+    per_layer_bytes = np.array([[c.cache_bytes(context, shape, budget.batch, i) for c in candidates]
                                 for i in range(n)], dtype=float)
-    return np.tile(bits, (n, 1)), per_layer_bytes, context
+    return bits, per_layer_bytes, context
 
 
 def _budget_text(budget: Budget, value: float) -> str:
