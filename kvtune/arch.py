@@ -100,9 +100,10 @@ def check_config(config, name: str = "the model") -> None:
         raise ModelError(
             f"{name} ({model_type!r}) uses multi-head latent attention: engines (vLLM's fp8_ds_mla, SGLang) cache the "
             f"compressed latent (kv_lora_rank {_attr(text, 'kv_lora_rank')}) and the rope key, but transformers' "
-            "attention for this family caches the up-projected per-head K and V instead, so neither a plan of "
-            "transformers' cache (bytes and error of a cache no engine keeps) nor a faithful latent cache can be "
-            "built on it; kvtune refuses the family rather than quantize the wrong tensor"
+            "attention for this family caches the up-projected per-head K and V instead; kvtune's cache, probe and "
+            "simulation work on what transformers caches, which here is a cache no engine keeps (other bytes, "
+            "other error), and quantizing the latent itself is not built yet, so kvtune refuses the family rather "
+            "than quantize the wrong tensor"
         )
     try:
         types, _ = layer_types(config)
@@ -166,7 +167,8 @@ def attention_extras(module, kwargs: dict, attention_mask, dropout: float = 0.0)
     builds for these attentions, so it needs a mask to be present."""
     if dropout and module.training:
         raise ModelError("attention dropout is active (the model is in training mode); kvtune measures the model in eval mode")
-    unknown = sorted(set(kwargs) - _PASSIVE_KWARGS - {"softcap", "s_aux", "sliding_window"})
+    # An argument passed as None asks for nothing (Gemma 4's wrapper hands ``labels=None`` down).
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _PASSIVE_KWARGS | {"softcap", "s_aux", "sliding_window"})
     if unknown:
         raise ModelError(
             f"layer {getattr(module, 'layer_idx', '?')}: the attention call carries {unknown}, which kvtune's "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvtune.arch import describe
-from kvtune.cache import MixedPrecisionCache, load_cache
+from kvtune.cache import MixedPrecisionCache, MixedPrecisionLayer, load_cache
 from kvtune.errors import ModelError
 from kvtune.plan import LayerPlan, ModelShape, Plan
 from kvtune.simulate import simulate_quantization
@@ -155,6 +155,21 @@ def test_layers_that_share_k_v_are_left_out_and_named():
         assert arch.shared == shared
         assert [(i, reason) for i, reason in arch.left_out] == [(i, f"shares K/V with layer {owner}") for i, owner in shared]
         assert arch.attending_index[shared[0][0]] == arch.plan_index[shared[0][1]]
+
+
+def test_the_decode_kernel_reads_only_layers_it_can_serve_alone():
+    """The kernel takes one head size for K and V and serves the layer that calls it: a K≠V layer
+    (MiMo-V2-Flash) or a layer whose K/V other layers read (Gemma 4) stays on the reference path."""
+    from kvtune.cache import MixedPrecisionCache
+
+    for family, expected in (("gemma4", {0, 1, 2, 3}), ("gemma4-shared", {0, 1}), ("mimo_v2_flash", set())):
+        model = tiny_model(family)
+        arch = describe(model)
+        plan = Plan.uniform("k4v4", arch.shape.num_layers, group_size=16)
+        cache = MixedPrecisionCache(plan, True, arch.shape, model.config, None, frozenset(owner for _, owner in arch.shared))
+        kernel = {layer.layer_idx for layer in cache.layers if isinstance(layer, MixedPrecisionLayer) and layer.fused_decode}
+        windowed = {arch.shape.model_layer(i) for i in range(arch.shape.num_layers) if arch.shape.window(i)}
+        assert kernel == expected - windowed, family
 
 
 def test_layer_kinds_are_read_from_the_model():

@@ -180,9 +180,16 @@ def _fit_candidate_groups(settings: ProfileSettings, head_dim: int | None) -> Pr
         names.append(fit_candidate(text, settings.group_size, settings.residual, head_dim, per_token))
     kept = list(dict.fromkeys(names))
     if len(kept) < len(names):
-        same = sorted({candidate_name(*parse_candidate(t)) for t, n in zip(settings.pairs, names) if names.count(n) > 1})
-        print(f"kvtune: note: {len(names) - len(kept)} candidate(s) dropped: {same} are the same candidate with "
-              f"--group-size {settings.group_size} and --residual {settings.residual} for this head size")
+        first: dict[str, str] = {}
+        dropped = []
+        for text, name in zip(settings.pairs, names):
+            given = candidate_name(*parse_candidate(text))
+            if name in first:
+                dropped.append(f"{given} = {first[name]}")
+            else:
+                first[name] = given
+        print(f"kvtune: note: {len(dropped)} candidate(s) dropped, each the same as one kept with --group-size "
+              f"{settings.group_size} and --residual {settings.residual} for this head size: {', '.join(dropped)}")
     return replace(settings, pairs=kept) if kept != list(settings.pairs) else settings
 
 
