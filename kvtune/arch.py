@@ -149,8 +149,9 @@ def config_shape(config, name: str = "the model") -> ModelShape | None:
 
 
 # Families whose K/V shapes are set in the modelling code, not the config (MiMo-V2-Flash doubles
-# the KV heads of its sliding layers): only the loaded model can tell.
-_CODE_SHAPED = {"mimo_v2_flash"}
+# the KV heads of its sliding layers; GPT-BigCode's multi_query flag means one KV head whatever
+# num_key_value_heads says): only the loaded model can tell. tests/test_sweep.py finds such families.
+_CODE_SHAPED = {"mimo_v2_flash", "gpt_bigcode"}
 
 
 def _layer_view(per_layer, i: int):

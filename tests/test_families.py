@@ -299,6 +299,7 @@ def test_profile_search_and_ppl_run_end_to_end(family, tmp_path):
     profile = run_profile(ProfileSettings(model=model_dir, seq_len=128, windows=2, validate_windows=1, validate_layers=[0]),
                           tmp_path / "profile", progress=False)
     shape = profile.shape
+    assert profile.meta["schema_version"] == (1 if shape.is_uniform else 2)  # files of alike layers as before
     assert profile.table["taylor"].notna().all() and (profile.table.query("pair == 'K2V2'")["taylor"] > 0).all()
     result = run_search(SearchSettings(profile=str(tmp_path / "profile"), budget="3.25bits", verify=0, generations=20),
                         tmp_path / "search", progress=False)

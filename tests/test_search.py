@@ -189,8 +189,12 @@ def test_searched_plan_is_verified_and_runs_generate(tiny_model_dir, tmp_path):
     assert len(uniform) and uniform["verified_nll"].notna().all() and (uniform["nominal_bits"] <= 5).all()
     assert (verified["verified_windows"] == 2).all()  # one round of two windows: nobody dropped early
     chosen = result.front.loc[result.front["chosen"]].iloc[0]
-    assert chosen["verified_nll"] == verified["verified_nll"].min() and chosen["verified_gap"] == 0
-    assert (verified["verified_gap"] >= 0).all() and (verified["verified_gap_se"] >= 0).all()
+    race = result.meta["race"]
+    assert race["chosen"] == chosen["id"] and chosen["verified_gap"] == 0 and (verified["verified_gap_se"] >= 0).all()
+    # Two windows cannot overturn the profile's best prediction: it is the plan chosen.
+    assert not race["overturned"] and chosen["predicted_loss"] == verified["predicted_loss"].min()
+    assert race["measured_best"] == verified["verified_nll"].idxmin()
+    assert (race["note"] is None) == (race["measured_best"] == race["chosen"])
     too_many = SearchSettings(profile=str(tmp_path / "p"), budget="5bits", groups=2, verify_windows=10**6, verify_seq_len=64)
     with pytest.raises(DataError, match="--verify-windows"):
         run_search(too_many, tmp_path / "s2", progress=False)
@@ -213,10 +217,11 @@ def test_uniform_ties_name_the_uniform_plans_the_race_could_not_separate():
         "verified_windows": [16, 16, 16, 4],  # K8V8 dropped out of the race after 4 windows
         "verified_gap": [0.0, 0.0013, 0.0030, 0.0001],
         "verified_gap_se": [0.0, 0.00075, 0.0010, 0.0001],
+        "finished_race": [True, True, False, False],  # K4V4 dropped at the last look
         "chosen": [True, False, False, False],
     })
-    ties = uniform_ties(front, z=2.0)
-    assert [t["pair"] for t in ties] == ["K8V4"]  # K4V4 is 3 SE behind; K8V8 was not measured to the end
+    ties = uniform_ties(front)
+    assert [t["pair"] for t in ties] == ["K8V4"]
     assert ties[0]["gap"] == 0.0013 and ties[0]["windows"] == 16
     front["chosen"] = [False, True, False, False]  # a uniform choice needs no note
-    assert uniform_ties(front, z=2.0) == []
+    assert uniform_ties(front) == []

@@ -62,8 +62,8 @@ class SearchSettings:
     target: str | None = None
     verify_windows: int = 16  # at most; the race stops early once one plan is clearly best
     verify_round: int = 4  # windows per round of the race
-    verify_z: float = 2.0  # standard errors behind the leader at which a plan drops out
-    verify_seq_len: int = 512
+    verify_alpha: float = 0.05  # the race's error rate: overturning the best prediction, dropping a plan as good as the leader
+    verify_seq_len: int | None = None  # tokens per verification window; None: the profile's own window length
     # What the race compares: "nll" (per-window NLL on verification text) or "lm-eval:TASK" (per-item
     # error, 1 − the task's score, of an lm-evaluation-harness task; kvtune_wiki_* built from the
     # verification split). With a task, --verify-windows counts items.
@@ -196,7 +196,10 @@ def check_settings(settings: SearchSettings, out: str | Path, overwrite: bool = 
     allowed_pairs(profile, settings.formats)
     inputs.check_counts((("--verify", settings.verify, 0), ("--verify-windows", settings.verify_windows, 1),
                          ("--groups", settings.groups, 1), ("--generations", settings.generations, 1),
-                         ("--pop-size", settings.pop_size, 4), ("--context", settings.context, 1)), BudgetError)
+                         ("--pop-size", settings.pop_size, 4), ("--context", settings.context, 1))
+                        + ((("--verify-seq-len", settings.verify_seq_len, 2),) if settings.verify_seq_len is not None else ()), BudgetError)
+    if not isinstance(settings.verify_alpha, (int, float)) or not 0 < settings.verify_alpha < 1:
+        raise BudgetError(f"--verify-alpha {settings.verify_alpha!r}: the race's error rate must be between 0 and 1 (e.g. 0.05)")
     model = settings.model or profile.meta["settings"]["model"]
     # The profile's shape against its model's config: a plan of the wrong layer count is never written,
     # with or without verification (which would load the model anyway).
@@ -332,16 +335,23 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
                                 "pairs": names_text, "verified_nll": np.nan, "chosen": False})
                 to_verify.append(len(records) - 1)
         front = pd.DataFrame(records)
-        result = _verify(profile, settings, [plans[i] for i in to_verify], progress)
+        # The profile's best prediction is the race's incumbent: it stands unless measured beyond noise.
+        incumbent = min(range(len(to_verify)), key=lambda k: records[to_verify[k]]["predicted_loss"])
+        result = _verify(profile, settings, [plans[i] for i in to_verify], progress, incumbent)
         front.loc[to_verify, "verified_nll"] = result.mean
         front.loc[to_verify, "verified_windows"] = result.windows
+        front.loc[to_verify, "finished_race"] = [k in result.finalists for k in range(len(to_verify))]
         winner_nll = result.nll[result.winner]
         for row, nll in zip(to_verify, result.nll):
             seen = np.isfinite(nll)
             gap, se = paired_gap(nll[seen], winner_nll[seen])
             front.loc[row, ["verified_gap", "verified_gap_se"]] = gap, se
         chosen = to_verify[result.winner]
+        race_summary = _race_summary(front, to_verify, result, settings.verify_alpha)
+        if race_summary["note"]:
+            notes.append(race_summary["note"])
     else:
+        race_summary = None
         front = pd.DataFrame(records)
         chosen = int(front["predicted_loss"].idxmin())
     front.loc[chosen, "chosen"] = True
@@ -369,7 +379,8 @@ def run_search(settings: SearchSettings, out: str | Path, progress: bool = True,
         "exact_check": {"tolerance": settings.gap_tolerance, "max_gap": float(gaps["gap"].max()) if len(gaps) else None,
                         "budgets": gaps.to_dict(orient="records")},
         "chosen": int(chosen),
-        "uniform_ties": uniform_ties(front, settings.verify_z) if settings.verify else [],
+        "race": race_summary,
+        "uniform_ties": uniform_ties(front) if settings.verify else [],
         "seconds": time.perf_counter() - started,
         "world_size": group.size,
     }
@@ -428,21 +439,38 @@ def uniform_references(target: str, profile: Profile, allowed: list[int], names:
     return out
 
 
-def uniform_ties(front: pd.DataFrame, z: float) -> list[dict]:
-    """The uniform plans the race could not tell from a chosen mixed plan: measured on every window
-    the chosen plan was, and no more than ``z`` standard errors behind it. Near 6-8 bits the
+def uniform_ties(front: pd.DataFrame) -> list[dict]:
+    """The uniform plans the race could not tell from a chosen mixed plan: still in the race at its
+    end (measured on every window the chosen plan was, never significantly behind). Near 6-8 bits the
     verification often ends so; a user may then prefer the uniform plan, which every engine loads."""
     chosen = front.loc[front["chosen"]].iloc[0]
     if len(set(chosen["pairs"].split(","))) == 1:
         return []
-    ties = front[(front["source"] == "uniform") & (front["verified_windows"] == chosen["verified_windows"])
-                 & (front["verified_gap"] <= z * front["verified_gap_se"])]
+    ties = front[(front["source"] == "uniform") & (front["finished_race"] == True)]  # noqa: E712 - NaN where not raced
     return [{"pair": row["pairs"].split(",")[0], "nominal_bits": float(row["nominal_bits"]),
              "gap": float(row["verified_gap"]), "gap_se": float(row["verified_gap_se"]),
              "windows": int(row["verified_windows"])} for _, row in ties.iterrows()]
 
 
-def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progress: bool) -> RaceResult:
+def _race_summary(front: pd.DataFrame, to_verify: list[int], result, alpha: float) -> dict:
+    """What the race decided against the prediction, with a note where they disagree."""
+    incumbent, winner, leader = (to_verify[k] for k in (result.incumbent, result.winner, result.leader))
+    summary = {"alpha": alpha, "predicted_best": int(incumbent), "chosen": int(winner), "measured_best": int(leader),
+               "overturned": bool(result.overturned), "note": None}
+    label = lambda row: front.loc[row, "pairs"] if front.loc[row, "source"] == "uniform" else f"front plan {row}"  # noqa: E731
+    gap, se = (float(front.loc[incumbent, c]) for c in ("verified_gap", "verified_gap_se"))
+    if result.overturned:
+        summary["note"] = (f"the race overturned the profile's best prediction ({label(incumbent)}): measured "
+                           f"{gap:+.4f} ± {se:.4f} nats/token behind the chosen plan, beyond noise at alpha {alpha:g}")
+    elif leader != winner:
+        lead_gap, lead_se = paired_gap(result.nll[result.leader][np.isfinite(result.nll[result.leader])],
+                                       result.nll[result.winner][np.isfinite(result.nll[result.winner])])
+        summary["note"] = (f"the race measured {label(leader)} {lead_gap:+.4f} ± {lead_se:.4f} nats/token against the "
+                           f"profile's best prediction, within noise at alpha {alpha:g}: the prediction stands")
+    return summary
+
+
+def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progress: bool, incumbent: int = 0) -> RaceResult:
     import torch
 
     from kvtune.data import load_windows
@@ -455,26 +483,28 @@ def _verify(profile: Profile, settings: SearchSettings, plans: list[Plan], progr
                                   settings.device_map, settings.max_memory)
     profile.check_model(model_shape(model), settings.model or meta_settings["model"])
     try:
-        windows = load_windows(tokenizer, "verification", settings.verify_seq_len, settings.verify_windows, settings.seed,
+        # The race judges plans at the context the profile measured, unless told another.
+        windows = load_windows(tokenizer, "verification", settings.verify_seq_len or meta_settings["seq_len"], settings.verify_windows, settings.seed,
                                settings.data or meta_settings["data"])
     except DataError as e:  # the data cannot know which option asked for the windows
         raise DataError(f"verification: {e}; lower --verify-windows") from None
     # Rounds in random order: consecutive windows often come from one article.
     windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(settings.seed))]
     if settings.verify_metric != "nll":
-        return _verify_by_task(model, tokenizer, settings, plans, progress, meta_settings)
+        return _verify_by_task(model, tokenizer, settings, plans, progress, meta_settings, incumbent)
     bar = tqdm(total=len(plans) * len(windows), desc="search: verify (plan x window)", disable=not progress, leave=False)
 
     def measure(i: int, part: slice) -> list[float]:
         return token_nll(model, windows[part], plans[i]).mean(dim=1).tolist()
 
-    result = race(measure, len(plans), len(windows), settings.verify_round, settings.verify_z,
-                  on_measure=bar.update)
+    result = race(measure, len(plans), len(windows), settings.verify_round, settings.verify_alpha,
+                  on_measure=bar.update, incumbent=incumbent)
     bar.close()
     return result
 
 
-def _verify_by_task(model, tokenizer, settings: SearchSettings, plans: list[Plan], progress: bool, meta_settings: dict) -> RaceResult:
+def _verify_by_task(model, tokenizer, settings: SearchSettings, plans: list[Plan], progress: bool, meta_settings: dict,
+                    incumbent: int = 0) -> RaceResult:
     """The race on an lm-eval task's items: each plan's per-item error (1 − score), paired by item.
     0/1 scores tie on most items, so the race judges them with a pseudo-count (kvtune.search.verify)."""
     import numpy as np
@@ -500,8 +530,8 @@ def _verify_by_task(model, tokenizer, settings: SearchSettings, plans: list[Plan
         metric = rows[wanted[0]]["metrics"][0]  # the task's first metric: acc, exact_match, …
         return [1.0 - float(rows[d][metric]) for d in wanted]
 
-    result = race(measure, len(plans), len(items), max(settings.verify_round, 8), settings.verify_z, on_measure=bar.update,
-                  binary=True)
+    result = race(measure, len(plans), len(items), max(settings.verify_round, 8), settings.verify_alpha, on_measure=bar.update,
+                  binary=True, incumbent=incumbent)
     bar.close()
     return result
 

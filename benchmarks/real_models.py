@@ -1,0 +1,106 @@
+"""Held-out tables on the real models (issue 29): FP16, the uniform plans and given plan files,
+with each plan's paired per-window NLL gap to FP16 and to uniform K3V3.
+
+    .venv/bin/python benchmarks/real_models.py heldout --model gemma3-270m [--windows 32] [--seq-len 512]
+        [--plan outputs/gemma3-270m/search/plan.json ...] [--data enwiki|python-stdlib]
+    .venv/bin/python benchmarks/real_models.py race-check --model gemma3-270m
+
+``race-check`` repeats issue 29's short run (profile --windows 4 --max-tokens 512
+--validate-windows 0; search --budget 3.25bits --verify-windows 4) and measures, on 8 held-out
+windows, the chosen plan against the profile's best prediction among the raced plans.
+Results: benchmarks/results/real_models/<model>-<what>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kvtune.data import load_windows
+from kvtune.models import canonical_name, load_model
+from kvtune.perplexity import token_nll
+from kvtune.plan import resolve_plan
+from kvtune.search.verify import paired_gap
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "real_models"
+UNIFORM = ["fp16", "uniform:k8v8", "uniform:k4v4", "uniform:k4v3", "uniform:k3v3", "uniform:k4v2", "uniform:k3v2", "uniform:k2v2"]
+
+
+def heldout(model_name: str, plans: list[str], windows: int, seq_len: int, data: str = "enwiki", seed: int = 0) -> dict:
+    model, tokenizer = load_model(model_name)
+    from kvtune.models import model_shape
+
+    shape = model_shape(model)
+    ids = load_windows(tokenizer, "heldout", seq_len, windows, seed, data)
+    nll = {}
+    for spec in plans:
+        plan = resolve_plan(spec, shape.num_layers, shape.group_dim)
+        plan.check_model(shape, model_name)
+        nll[spec] = (token_nll(model, ids, plan).mean(dim=1).double().numpy(), plan.nominal_bits(shape))
+        print(f"{spec}: PPL {np.exp(nll[spec][0].mean()):.4f}", flush=True)
+    fp = nll["fp16"][0]
+    k3v3 = nll.get("uniform:k3v3", (None,))[0]
+    rows = []
+    for spec, (values, bits) in nll.items():
+        row = {"plan": spec, "nominal_bits": bits, "ppl": float(np.exp(values.mean())),
+               "gap_vs_fp16": paired_gap(values, fp)}
+        if k3v3 is not None:
+            row["gap_vs_k3v3"] = paired_gap(values, k3v3)
+        rows.append(row)
+    return {"model": canonical_name(model_name), "data": data, "split": "heldout", "windows": windows, "seq_len": seq_len,
+            "rows": rows}
+
+
+def _kvtune(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "kvtune", *args], check=True, cwd=ROOT)
+
+
+def race_check(model_name: str) -> dict:
+    import pandas as pd
+
+    work = ROOT / "outputs" / canonical_name(model_name) / "race-check"
+    _kvtune("profile", "--model", model_name, "--windows", "4", "--max-tokens", "512", "--validate-windows", "0",
+            "--out", str(work / "profile"))
+    _kvtune("search", "--profile", str(work / "profile"), "--budget", "3.25bits", "--verify-windows", "4",
+            "--out", str(work / "search"), "--overwrite")
+    front = pd.read_csv(work / "search" / "front.csv")
+    meta = json.loads((work / "search" / "search.json").read_text())
+    raced = front[front["verified_nll"].notna()]
+    best = raced.loc[raced["predicted_loss"].idxmin()]
+    chosen = front.loc[front["chosen"]].iloc[0]
+    plans = {"chosen": str(work / "search" / "plan.json")}
+    table = heldout(model_name, ["fp16", *plans.values()], 8, 512)
+    return {"model": canonical_name(model_name), "race": meta.get("race"), "notes": meta.get("notes"),
+            "chosen_pairs": chosen["pairs"], "best_predicted_pairs": best["pairs"],
+            "chosen_is_best_predicted": bool(chosen["id"] == best["id"]), "heldout": table}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["heldout", "race-check"])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--plan", action="append", default=[])
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--data", default="enwiki")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.what == "heldout":
+        result = heldout(args.model, UNIFORM + args.plan, args.windows, args.seq_len, args.data)
+        name = f"{canonical_name(args.model)}-heldout-{args.data}-{args.seq_len}x{args.windows}{args.tag}.json"
+    else:
+        result = race_check(args.model)
+        name = f"{canonical_name(args.model)}-race-check.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print(f"written {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()
