@@ -70,13 +70,19 @@ def tiny_model_dir(tmp_path_factory, default_model):
 
 def pytest_collection_modifyitems(config, items):
     kept, elsewhere = [], {}
+    extended = os.environ.get("KVTUNE_EXTENDED") == "1"
     for item in items:
         for marker, (module, wanted) in NEEDS.items():
             if item.get_closest_marker(marker) and (importlib.util.find_spec(module) is not None) != wanted:
                 elsewhere.setdefault(marker, []).append(item)
                 break
         else:
-            kept.append(item)
+            # The heavy tier (the default model's whole job, torchrun, real engines) runs in
+            # scripts/test_extended.sh, which CI runs after the main suite.
+            if bool(item.get_closest_marker("extended")) != extended:
+                elsewhere.setdefault("extended" if not extended else "not extended", []).append(item)
+            else:
+                kept.append(item)
     if elsewhere:
         config.hook.pytest_deselected(items=[item for group in elsewhere.values() for item in group])
         items[:] = kept
@@ -85,7 +91,9 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_terminal_summary(terminalreporter, config):
     for marker, count in config.stash.get(ELSEWHERE, {}).items():
-        terminalreporter.write_line(f"{count} tests marked {marker} run in their own venv: scripts/test_engines.sh")
+        where = {"extended": "run in the heavy tier: scripts/test_extended.sh",
+                 "not extended": "run in the main suite"}.get(marker, "run in their own venv: scripts/test_engines.sh")
+        terminalreporter.write_line(f"{count} tests marked {marker} {where}")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -101,6 +101,7 @@ def test_export_command(tmp_path):
     assert unknown.exit_code == 2 and "unknown export format" in unknown.output
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_main_job_runs_end_to_end_on_a_local_model(tmp_path, tiny_model_dir):
     out = tmp_path / "run"

@@ -15,6 +15,7 @@ import pytest
 from tests.families import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.extended  # torchrun processes: the heavy tier (scripts/test_extended.sh)
 
 
 def torchrun(args: list[str], tmp_path: Path, nproc: int = 2, module: str = "kvtune", timeout: int = 600):

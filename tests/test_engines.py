@@ -157,6 +157,7 @@ def test_vllm_takes_a_released_plan_and_agrees_with_the_simulation(tmp_path):
     assert check.agrees
 
 
+@pytest.mark.extended
 @pytest.mark.skipif(not os.environ.get("KVTUNE_LLAMA_CPP_PYTHON"), reason="needs ik-llama-cpp-python in its own environment: "
                     "set KVTUNE_LLAMA_CPP_PYTHON")
 def test_ik_llama_cpp_takes_first_and_last_layer_types(tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_readme_python_example_runs(capsys):
     readme = (Path(__file__).parents[1] / "README.md").read_text()

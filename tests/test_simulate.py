@@ -65,6 +65,7 @@ def test_fp16_plan_reproduces_the_unquantized_model(tiny_model):
     assert torch.allclose(token_nll(tiny_model, windows, Plan.uniform("k16v16", 3)), token_nll(tiny_model, windows, None), atol=1e-12)
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_default_model_simulated_ppl_agrees_with_decoding(default_model):
     """On the real model, in float64 so that both paths round every code the same way.

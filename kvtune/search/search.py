@@ -457,7 +457,8 @@ def _race_summary(front: pd.DataFrame, to_verify: list[int], result, alpha: floa
     incumbent, winner, leader = (to_verify[k] for k in (result.incumbent, result.winner, result.leader))
     summary = {"alpha": alpha, "predicted_best": int(incumbent), "chosen": int(winner), "measured_best": int(leader),
                "overturned": bool(result.overturned), "note": None}
-    label = lambda row: front.loc[row, "pairs"] if front.loc[row, "source"] == "uniform" else f"front plan {row}"  # noqa: E731
+    label = lambda row: (f"uniform {front.loc[row, 'pairs'].split(',')[0]}" if front.loc[row, "source"] == "uniform"  # noqa: E731
+                         else f"front plan {row}")
     gap, se = (float(front.loc[incumbent, c]) for c in ("verified_gap", "verified_gap_se"))
     if result.overturned:
         summary["note"] = (f"the race overturned the profile's best prediction ({label(incumbent)}): measured "
