@@ -130,13 +130,12 @@ def config_shape(config, name: str = "the model") -> ModelShape | None:
         return None
     types, kwargs = layer_types(config)
     attention = [i for i, t in enumerate(types) if t in ATTENTION_TYPES]
-    per_layer = _attr(text, "per_layer_config")
+    per_layer, hidden = _attr(text, "per_layer_config"), _attr(text, "hidden_size")
     heads, key_dims, value_dims = [], [], []
     for i in attention:
         layer = _layer_view(per_layer, i) or text
         q_heads = _attr(layer, "num_attention_heads") or _attr(text, "num_attention_heads")
         kv = _attr(layer, "num_key_value_heads") or q_heads
-        hidden = _attr(text, "hidden_size")
         dim = _attr(layer, "head_dim") or (hidden // q_heads if isinstance(hidden, int) and isinstance(q_heads, int) else None)
         value_dim = _attr(layer, "v_head_dim") or dim
         if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (kv, dim, value_dim)):
@@ -212,7 +211,10 @@ def describe(model) -> Architecture:
     shared, unexplained = [], []
     for i in sorted(set(seen) - set(attention)):
         owner = next((j for j in attention if j < i and seen[j]["kv_id"] == seen[i]["kv_id"]), None)
-        (unexplained.append(i) if owner is None else shared.append((i, owner)))
+        if owner is None:
+            unexplained.append(i)
+        else:
+            shared.append((i, owner))
     if unexplained:
         raise ModelError(
             f"{family}: layers {unexplained} attend through the interface over K/V that no attention layer of the "

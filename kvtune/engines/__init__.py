@@ -313,9 +313,8 @@ def _llama_acceptance(plan, shape, log: str) -> tuple[bool, dict]:
         taken[which][int(layer)] = name
     wanted = {"K": [_LLAMA_CPP_TYPES[label_of(layer.key)] for layer in plan.layers],
               "V": [_LLAMA_CPP_TYPES[label_of(layer.value)] for layer in plan.layers]}
-    def mib(specs, dim_of):
-        return sum(s.nbytes(tokens, dim_of(i), shape.heads(i)) if s.is_quantized else 2 * tokens * dim_of(i) * shape.heads(i)
-                   for i, s in enumerate(specs)) / 2**20
+    def mib(specs, dim_of):  # nbytes counts a 16-bit layer at 2 bytes, as llama.cpp's f16 cache
+        return sum(s.nbytes(tokens, dim_of(i), shape.heads(i)) for i, s in enumerate(specs)) / 2**20
 
     predicted = {"K": mib([layer.key for layer in plan.layers], shape.key_dim),
                  "V": mib([layer.value for layer in plan.layers], shape.value_dim)}

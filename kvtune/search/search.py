@@ -459,14 +459,13 @@ def _race_summary(front: pd.DataFrame, to_verify: list[int], result, alpha: floa
                "overturned": bool(result.overturned), "note": None}
     label = lambda row: (f"uniform {front.loc[row, 'pairs'].split(',')[0]}" if front.loc[row, "source"] == "uniform"  # noqa: E731
                          else f"front plan {row}")
-    gap, se = (float(front.loc[incumbent, c]) for c in ("verified_gap", "verified_gap_se"))
+    # The front already holds each raced plan's paired gap to the chosen one.
+    gap = lambda row: "{:+.4f} ± {:.4f}".format(*front.loc[row, ["verified_gap", "verified_gap_se"]])  # noqa: E731
     if result.overturned:
         summary["note"] = (f"the race overturned the profile's best prediction ({label(incumbent)}): measured "
-                           f"{gap:+.4f} ± {se:.4f} nats/token behind the chosen plan, beyond noise at alpha {alpha:g}")
+                           f"{gap(incumbent)} nats/token behind the chosen plan, beyond noise at alpha {alpha:g}")
     elif leader != winner:
-        lead_gap, lead_se = paired_gap(result.nll[result.leader][np.isfinite(result.nll[result.leader])],
-                                       result.nll[result.winner][np.isfinite(result.nll[result.winner])])
-        summary["note"] = (f"the race measured {label(leader)} {lead_gap:+.4f} ± {lead_se:.4f} nats/token against the "
+        summary["note"] = (f"the race measured {label(leader)} {gap(leader)} nats/token against the "
                            f"profile's best prediction, within noise at alpha {alpha:g}: the prediction stands")
     return summary
 
