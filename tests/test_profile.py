@@ -56,6 +56,32 @@ def test_profile_is_deterministic(tiny_model_dir, tiny_profile, tmp_path):
     pd.testing.assert_frame_equal(again.table, tiny_profile[0].table)
 
 
+def test_recomputed_attention_gives_the_same_profile_without_keeping_the_score_matrices(tiny_model_dir, tiny_model,
+                                                                                    tiny_profile, tmp_path):
+    import torch
+
+    from kvtune.arch import describe
+    from kvtune.profiling.probe import Candidates, Probe, probing
+
+    kept = run_profile(_settings(tiny_model_dir, recompute_attention=False), tmp_path, progress=False)
+    pd.testing.assert_frame_equal(kept.table, tiny_profile[0].table)  # recompute (the default) changes nothing
+    model = tiny_model
+    ids = torch.randint(0, 200, (1, 48))
+    square = []  # per-head (T, T) tensors autograd keeps for the backward pass, outside any recomputed region
+
+    def pack(t):  # (the causal mask, one for all heads, is kept either way)
+        square.append(t.dim() == 4 and t.shape[1] > 1 and t.shape[-2:] == (48, 48))
+        return t
+
+    for recompute in (False, True):
+        square.clear()
+        probe = Probe(Candidates(["k4v2", "k2v4"], "per-channel", "per-token", 8, 4), 3, describe(model).attending_index,
+                      recompute)
+        with probing(model, probe), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, use_cache=False).logits.sum().backward()
+        assert any(square) != recompute, recompute
+
+
 def test_resume_skips_finished_work(tiny_model_dir, tmp_path, monkeypatch):
     settings = _settings(tiny_model_dir)
     real_batch, real_measure = profile_module._profile_batch, LayerReplay.single_layer_impact

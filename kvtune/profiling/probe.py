@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from kvtune.arch import attention_extras, using_attention
 from kvtune.formats import CALIBRATED
@@ -148,8 +149,14 @@ class ErrorSums:
 
 
 class Probe:
-    def __init__(self, candidates: Candidates, num_layers: int, plan_index: dict[int, int] | None = None):
+    def __init__(self, candidates: Candidates, num_layers: int, plan_index: dict[int, int] | None = None,
+                 recompute: bool = True):
         self.c = candidates
+        # Recompute each layer's (T, T) scores and probabilities in the backward pass instead of
+        # keeping them from the forward: the probe's memory then grows with T² for one layer at a
+        # time, not for all of them (what lets long windows of large models fit), for one more
+        # attention forward per layer.
+        self.recompute = recompute
         self.captures: dict[int, LayerCapture] = {}
         self.errors = [ErrorSums() for _ in range(num_layers)]
         # model layer -> plan position; layers that share a planned layer's K/V map to its position
@@ -177,12 +184,13 @@ class Probe:
             dk = {p: torch.zeros_like(key, requires_grad=True) for p in key_views}
             dv = {p: torch.zeros_like(value, requires_grad=True) for p in value_views}
             self.captures[layer] = LayerCapture(key.detach(), value.detach(), dk, dv)
-        out = perturbed_attention(
-            query, key, value,
-            [(dk[p], self.c.seen(s, "key", length, query.device)) for p, s in key_views.items()],
-            [(dv[p], self.c.seen(s, "value", length, query.device)) for p, s in value_views.items()],
-            scaling, attention_mask, softcap, sinks,
-        )
+        key_reads = [(dk[p], self.c.seen(s, "key", length, query.device)) for p, s in key_views.items()]
+        value_reads = [(dv[p], self.c.seen(s, "value", length, query.device)) for p, s in value_views.items()]
+        if self.recompute and torch.is_grad_enabled():
+            out = checkpoint(perturbed_attention, query, key, value, key_reads, value_reads, scaling, attention_mask, softcap,
+                             sinks, use_reentrant=False)
+        else:
+            out = perturbed_attention(query, key, value, key_reads, value_reads, scaling, attention_mask, softcap, sinks)
         with torch.no_grad():
             sinks_now = None if sinks is None else sinks.detach()
             self._accumulate_errors(layer, query.detach(), key.detach(), value.detach(), out.detach(), scaling, attention_mask,

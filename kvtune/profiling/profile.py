@@ -90,6 +90,7 @@ class ProfileSettings:
     validate_windows: int = 2  # 0 skips the measured validation (no Spearman in the summary)
     validate_pair: str = "k2v2"
     validate_layers: list[int] | None = None  # None: the middle layer (every layer is measured at validate_pair)
+    recompute_attention: bool = True  # the probe's (T, T) views: recomputed in the backward (memory of one layer) or kept
 
     def candidates(self) -> Candidates:
         """The candidates under study; ones that name the profile's own group or window stand for the
@@ -103,7 +104,7 @@ class ProfileSettings:
         """What the gradient stage depends on: not placement, not the measured validation (whose
         settings may change between runs without redoing the gradients)."""
         d = asdict(self)
-        for key in ("device", "device_map", "max_memory") + VALIDATION_KEYS:
+        for key in ("device", "device_map", "max_memory", "recompute_attention") + VALIDATION_KEYS:
             d.pop(key)
         return d
 
@@ -296,8 +297,8 @@ def _new_stage1(num_layers: int, c: Candidates) -> dict:
     }
 
 
-def _profile_batch(model, ids: torch.Tensor, c: Candidates, acc: dict) -> None:
-    probe = Probe(c, len(acc["reference"]), describe(model).attending_index)
+def _profile_batch(model, ids: torch.Tensor, c: Candidates, acc: dict, recompute: bool = True) -> None:
+    probe = Probe(c, len(acc["reference"]), describe(model).attending_index, recompute)
     with probing(model, probe):
         logits = model(input_ids=ids, use_cache=False).logits
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
@@ -442,7 +443,8 @@ def run_profile(settings: ProfileSettings, out: str | Path, fresh: bool = False,
     start = time.perf_counter()
     for index in tqdm(range(state.data["batches_done"], len(batches)), desc="profile: gradients + attention errors",
                       disable=not progress, initial=state.data["batches_done"], total=len(batches)):
-        _profile_batch(model, windows[batches[index] : batches[index] + settings.batch_size].to(device), c, acc)
+        _profile_batch(model, windows[batches[index] : batches[index] + settings.batch_size].to(device), c, acc,
+                       settings.recompute_attention)
         state.data.update(stage1=acc, batches_done=index + 1)
         state.data["timings"]["stage1_s"] = state.data["timings"].get("stage1_s", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
