@@ -144,10 +144,11 @@ def project_layers(costs: dict, shape: str, seq_lens: tuple[int, ...] = (2048, 8
     for mode, by_T in costs.items():
         Ts = np.array([int(t) for t in by_T], float)
         acts = np.array([(c["layer_gib"] * 2**30 - 4 * measured_params) / 2 for c in by_T.values()])
-        if len(Ts) < 2:
-            continue
-        (a, b), _ = nnls(np.stack([Ts, Ts**2], axis=1), acts)
-        for T in seq_lens:
+        if len(Ts) >= 2:
+            (a, b), _ = nnls(np.stack([Ts, Ts**2], axis=1), acts)
+        else:  # one length measured: its own figure, at that length only
+            a, b = acts[0] / Ts[0], 0.0
+        for T in seq_lens if len(Ts) >= 2 else [int(Ts[0])]:
             activations = a * T + b * T**2
             for name, m in LLAMA_31.items():
                 params = m["layers"] * _layer_params(m["width"], m["mlp"], m["heads"]) + 2 * 128256 * m["width"]
@@ -238,7 +239,8 @@ def measure_layers(args) -> None:
         for layers in (1, 2):
             folder = build_layers(shape, layers)
             for seq_len in args.seq_lens:
-                for mode in ("recompute", "keep"):
+                # keeping the views is measured at the longest window only (where it matters; CPU time is short)
+                for mode in ("recompute", "keep") if seq_len == max(args.seq_lens) else ("recompute",):
                     row = profile_run(str(folder), seq_len, 1, 0, () if mode == "recompute" else ("--keep-attention",))
                     row.update(shape=shape, layers=layers, mode=mode, model=f"{shape}-{layers}L")
                     print(json.dumps(row), flush=True)

@@ -1,6 +1,8 @@
 """Regenerate recipes/<model>/plan-<budget>.json from recipes/<model>/recipe.json.
 
-    .venv/bin/python scripts/make_recipes.py recipes/smollm2-135m/recipe.json
+    .venv/bin/python scripts/make_recipes.py recipes/smollm2-135m/recipe.json [BUDGET ...]
+
+(with budgets named, only those are searched again).
 
 Profiles once (into outputs/recipes/<model>/profile, resumable), then searches every budget and
 copies each chosen plan and its front plot next to the recipe.
@@ -19,7 +21,7 @@ from kvtune.profiling import ProfileSettings, run_profile
 from kvtune.search import SearchSettings, run_search
 
 
-def main(recipe_path: str) -> None:
+def main(recipe_path: str, only: list[str] | None = None) -> None:
     recipe_file = Path(recipe_path)
     recipe = json.loads(recipe_file.read_text())
     work = Path("outputs/recipes") / recipe["model"]
@@ -35,9 +37,12 @@ def main(recipe_path: str) -> None:
         print(f"{work / 'profile'} holds an earlier recipe's profile; profiling afresh")
         run_profile(settings, work / "profile", fresh=True)
     s = dict(recipe["search"])
+    per_budget = s.pop("per_budget", {})  # settings of one budget's search that differ from the rest
     for budget in s.pop("budgets"):
-        result = run_search(SearchSettings(profile=str(work / "profile"), budget=budget, **s), work / f"search-{budget}",
-                            overwrite=True)
+        settings = SearchSettings(profile=str(work / "profile"), budget=budget, **{**s, **per_budget.get(budget, {})})
+        if only and budget not in only:
+            continue
+        result = run_search(settings, work / f"search-{budget}", overwrite=True)
         target = recipe_file.parent / f"plan-{budget}.json"
         shutil.copyfile(work / f"search-{budget}" / "plan.json", target)
         shutil.copyfile(work / f"search-{budget}" / "front.png", recipe_file.parent / f"front-{budget}.png")
@@ -46,4 +51,4 @@ def main(recipe_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "recipes/smollm2-135m/recipe.json")
+    main(sys.argv[1] if len(sys.argv) > 1 else "recipes/smollm2-135m/recipe.json", sys.argv[2:] or None)
