@@ -185,6 +185,10 @@ def run(
     model: str = typer.Option("default", help="Model to tune (see `kvtune ppl --help`)."),
     data: str = typer.Option("enwiki", help="Calibration/evaluation text (see `kvtune ppl --help`)."),
     budget: str = typer.Option("3.25bits", help="Search budget (see `kvtune search --help`)."),
+    windows: int = typer.Option(8, min=1, help="Calibration windows of the profile."),
+    validate_windows: int = typer.Option(2, min=0, help="Windows of the profile's measured validation (0: skip it)."),
+    verify_windows: int = typer.Option(16, min=1, help="At most this many windows in the search's verification race."),
+    eval_windows: int = typer.Option(8, min=1, help="Held-out windows of the evaluation's perplexity."),
     items: int = typer.Option(12, min=1, help="Items per accuracy task."),
     needle_context: int = typer.Option(1024, min=64, help="Haystack tokens for the needle task."),
     device: str = typer.Option("cpu"),
@@ -195,7 +199,7 @@ def run(
     overwrite: bool = _OVERWRITE,
 ):
     """The main job: profile → search → eval → export on the default model and data, each step
-    with its own defaults."""
+    with its own defaults (the window counts can be lowered for large models on small machines)."""
     from kvtune.eval import EVAL_BASELINES, EvalSettings, evaluate_plans
     from kvtune.export import FORMATS, export_plan
     from kvtune.pipeline import check_run
@@ -204,9 +208,9 @@ def run(
     from kvtune.tasks import TASKS
 
     placement = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
-    profile_settings = ProfileSettings(model=model, data=data, **placement)
-    search_settings = SearchSettings(profile=str(out / "profile"), budget=budget, **placement)
-    eval_settings = EvalSettings(model=model, data=data, **placement, plans=list(EVAL_BASELINES) + [str(out / "search" / "plan.json")],
+    profile_settings = ProfileSettings(model=model, data=data, windows=windows, validate_windows=validate_windows, **placement)
+    search_settings = SearchSettings(profile=str(out / "profile"), budget=budget, verify_windows=verify_windows, **placement)
+    eval_settings = EvalSettings(model=model, data=data, windows=eval_windows, **placement, plans=list(EVAL_BASELINES) + [str(out / "search" / "plan.json")],
                                  tasks=list(TASKS), task_items=items, needle_context=needle_context)
     check_run(profile_settings, search_settings, eval_settings, out, overwrite)  # every step's inputs, before step 1
 
