@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_speed.py                    # default model, settings and candidates
     .venv/bin/python benchmarks/profile_speed.py --formats int      # another candidate set: profile_speed-int.json
+    .venv/bin/python benchmarks/profile_speed.py --keep-attention   # the probe keeps its T×T views: profile_speed-keep.json
 
 The baseline is what any gradient-based sensitivity needs at least: the model's own forward and
 loss.backward() over the same windows, in the same batches (weights requiring grad, as in a
@@ -42,10 +43,10 @@ def forward_backward_seconds(model, windows: torch.Tensor, batch_size: int) -> f
     return time.perf_counter() - start
 
 
-def main(repeats: int = 3, formats: str = DEFAULT_FORMATS) -> None:
+def main(repeats: int = 3, formats: str = DEFAULT_FORMATS, keep_attention: bool = False) -> None:
     """The baseline and the sensitivity stage measured ``repeats`` times, interleaved, so that a
     slower or faster stretch of a shared machine moves both; the ratio is the median of the pairs."""
-    settings = ProfileSettings(pairs=resolve_formats(formats))
+    settings = ProfileSettings(pairs=resolve_formats(formats), recompute_attention=not keep_attention)
     model, tokenizer = load_model(settings.model)
     windows = load_windows(tokenizer, "calibration", settings.seq_len, settings.windows, settings.seed, settings.data)
     forward_backward_seconds(model, windows[: settings.batch_size], settings.batch_size)  # warm-up
@@ -67,6 +68,7 @@ def main(repeats: int = 3, formats: str = DEFAULT_FORMATS) -> None:
         "model": settings.model,
         "calibration": f"{settings.windows} windows x {settings.seq_len} tokens, batch {settings.batch_size}",
         "formats": formats,
+        "probe_attention": "kept" if keep_attention else "recomputed in the backward pass",
         "candidates": len(profile.pairs),
         "measured_points": profile.meta["summary"]["measured_points"],
         "forward_backward_s": [round(b, 1) for b in baselines],
@@ -79,7 +81,7 @@ def main(repeats: int = 3, formats: str = DEFAULT_FORMATS) -> None:
         "spearman_taylor_vs_kl": round(profile.meta["summary"]["spearman"]["taylor_vs_kl"], 3),
         "spearman_taylor_vs_dnll": round(profile.meta["summary"]["spearman"]["taylor_vs_dnll"], 3),
     }
-    name = "profile_speed" + ("" if formats == DEFAULT_FORMATS else f"-{formats}")
+    name = "profile_speed" + ("" if formats == DEFAULT_FORMATS else f"-{formats}") + ("-keep" if keep_attention else "")
     path = Path(__file__).parent / "results" / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
@@ -91,5 +93,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default=DEFAULT_FORMATS, help="candidate set (default: the profile's default)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep-attention", action="store_true", help="the probe keeps its T×T views (the default until issue 29)")
     args = parser.parse_args()
-    main(args.repeats, args.formats)
+    main(args.repeats, args.formats, args.keep_attention)
