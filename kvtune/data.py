@@ -102,18 +102,24 @@ def split_documents(docs: list[dict[str, str]]) -> dict[str, list[dict[str, str]
     return out
 
 
-def _default_split_files() -> dict[str, str]:
+def _cached_split(folder_name: str, documents) -> dict[str, str]:
+    """The split files under $KVTUNE_HOME/data/<folder_name>, written once from ``documents()``
+    (each file under a temporary name first, so a reader never sees a partial split)."""
     from kvtune.models import kvtune_home
 
-    folder = kvtune_home() / "data" / f"enwiki-gensim-{_CORPUS_VERSION}"
+    folder = kvtune_home() / "data" / folder_name
     files = {name: folder / f"{name}.jsonl" for name in SPLITS}
     if not all(p.is_file() for p in files.values()):
         folder.mkdir(parents=True, exist_ok=True)
-        for name, docs in split_documents(_wiki_articles(_gensim_dump())).items():
-            tmp = files[name].with_suffix(".tmp")
+        for name, docs in split_documents(documents()).items():
+            tmp = files[name].with_suffix(f".tmp{os.getpid()}")
             tmp.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
             tmp.replace(files[name])
     return {name: str(p) for name, p in files.items()}
+
+
+def _default_split_files() -> dict[str, str]:
+    return _cached_split(f"enwiki-gensim-{_CORPUS_VERSION}", lambda: _wiki_articles(_gensim_dump()))
 
 
 def _stdlib_sources() -> list[dict[str, str]]:
@@ -138,18 +144,8 @@ def _stdlib_sources() -> list[dict[str, str]]:
 
 
 def _code_split_files() -> dict[str, str]:
-    from kvtune.models import kvtune_home
-
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    folder = kvtune_home() / "data" / f"{CODE_DATA}-{version}-{_CORPUS_VERSION}"
-    files = {name: folder / f"{name}.jsonl" for name in SPLITS}
-    if not all(p.is_file() for p in files.values()):
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, docs in split_documents(_stdlib_sources()).items():
-            tmp = files[name].with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
-            tmp.replace(files[name])
-    return {name: str(p) for name, p in files.items()}
+    return _cached_split(f"{CODE_DATA}-{version}-{_CORPUS_VERSION}", _stdlib_sources)
 
 
 def read_documents(path: Path) -> list[dict[str, str]]:
