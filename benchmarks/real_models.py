@@ -45,18 +45,25 @@ def heldout(model_name: str, plans: list[str], windows: int, seq_len: int, data:
         plan.check_model(shape, model_name)
         nll[spec] = (token_nll(model, ids, plan).mean(dim=1).double().numpy(), plan.nominal_bits(shape))
         print(f"{spec}: PPL {np.exp(nll[spec][0].mean()):.4f}", flush=True)
-    fp = nll["fp16"][0]
-    k3v3 = nll.get("uniform:k3v3", (None,))[0]
-    rows = []
-    for spec, (values, bits) in nll.items():
-        row = {"plan": spec, "nominal_bits": bits, "ppl": float(np.exp(values.mean())),
-               "gap_vs_fp16": paired_gap(values, fp)}
-        if k3v3 is not None:
-            row["gap_vs_k3v3"] = paired_gap(values, k3v3)
-        row["window_nll"] = values.tolist()  # per window, so later plans can be paired with these
-        rows.append(row)
+    rows = [{"plan": spec, "nominal_bits": bits, "ppl": float(np.exp(values.mean())),
+             "window_nll": values.tolist()}  # per window, so later plans can be paired with these
+            for spec, (values, bits) in nll.items()]
     return {"model": canonical_name(model_name), "data": data, "split": "heldout", "windows": windows, "seq_len": seq_len,
-            "rows": rows}
+            "rows": pair_rows(rows)}
+
+
+def pair_rows(rows: list[dict]) -> list[dict]:
+    """Each row's paired gap to FP16 and to uniform K3V3 over the same windows, wherever those rows
+    are present (they may come from an earlier run that --merge kept)."""
+    by_plan = {row["plan"]: np.asarray(row["window_nll"]) for row in rows if "window_nll" in row}
+    for row in rows:
+        for key, reference in (("gap_vs_fp16", "fp16"), ("gap_vs_k3v3", "uniform:k3v3")):
+            if row["plan"] in by_plan and reference in by_plan:
+                row[key] = paired_gap(by_plan[row["plan"]], by_plan[reference])
+        row["window_nll"] = row.pop("window_nll", None)  # keep the long list last in each row
+        if row["window_nll"] is None:
+            del row["window_nll"]
+    return rows
 
 
 def _kvtune(*args: str) -> None:
@@ -106,6 +113,7 @@ def main() -> None:
             earlier = [r for r in json.loads((RESULTS / name).read_text())["rows"] if r["plan"] not in measured]
             result["rows"] = [r for r in earlier if r["plan"] in UNIFORM] + result["rows"] + [r for r in earlier if r["plan"] not in UNIFORM]
             result["rows"].sort(key=lambda r: (r["plan"] not in UNIFORM, UNIFORM.index(r["plan"]) if r["plan"] in UNIFORM else 0))
+            result["rows"] = pair_rows(result["rows"])
     else:
         result = race_check(args.model)
         name = f"{canonical_name(args.model)}-race-check.json"

@@ -188,6 +188,8 @@ def run(
     windows: int = typer.Option(8, min=1, help="Calibration windows of the profile."),
     validate_windows: int = typer.Option(2, min=0, help="Windows of the profile's measured validation (0: skip it)."),
     verify_windows: int = typer.Option(16, min=1, help="At most this many windows in the search's verification race."),
+    verify_uniform: bool = typer.Option(True, help="The race also measures the uniform plans in budget (see `kvtune search --help`); "
+                                                   "--no-verify-uniform races the predicted best alone, cheaper on large models."),
     eval_windows: int = typer.Option(8, min=1, help="Held-out windows of the evaluation's perplexity."),
     items: int = typer.Option(12, min=1, help="Items per accuracy task."),
     needle_context: int = typer.Option(1024, min=64, help="Haystack tokens for the needle task."),
@@ -209,7 +211,8 @@ def run(
 
     placement = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     profile_settings = ProfileSettings(model=model, data=data, windows=windows, validate_windows=validate_windows, **placement)
-    search_settings = SearchSettings(profile=str(out / "profile"), budget=budget, verify_windows=verify_windows, **placement)
+    search_settings = SearchSettings(profile=str(out / "profile"), budget=budget, verify_windows=verify_windows,
+                                     verify_uniform=verify_uniform, **placement)
     eval_settings = EvalSettings(model=model, data=data, windows=eval_windows, **placement, plans=list(EVAL_BASELINES) + [str(out / "search" / "plan.json")],
                                  tasks=list(TASKS), task_items=items, needle_context=needle_context)
     check_run(profile_settings, search_settings, eval_settings, out, overwrite)  # every step's inputs, before step 1

@@ -106,11 +106,12 @@ def test_export_command(tmp_path):
 def test_main_job_runs_end_to_end_on_a_local_model(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", "--model", tiny_model_dir, "--items", "2", "--needle-context", "128", "--out", str(out),
-                                 "--windows", "4", "--validate-windows", "1", "--verify-windows", "4", "--eval-windows", "3"])
+                                 "--windows", "4", "--validate-windows", "1", "--verify-windows", "4", "--no-verify-uniform", "--eval-windows", "3"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "profile" / "profile.json").read_text())["data"]["windows"] == 4
     assert json.loads((out / "profile" / "profile.json").read_text())["data"]["validation_windows"] == 1
     assert json.loads((out / "search" / "search.json").read_text())["settings"]["verify_windows"] == 4
+    assert json.loads((out / "search" / "search.json").read_text())["settings"]["verify_uniform"] is False
     assert json.loads((out / "eval" / "eval.json").read_text())["settings"]["windows"] == 3
     for path in ("profile/profile.csv", "search/plan.json", "search/front.csv", "eval/eval.csv", "export/kvtune.json",
                  "export/hf-quantized-cache.json", "export/llama.cpp.json"):
