@@ -32,6 +32,7 @@ _EXPORTS = {
     "EvalSettings": "kvtune.eval",
     "evaluate_plans": "kvtune.eval",
     "export_plan": "kvtune.export",
+    "export_formats": "kvtune.export",
     "KvtuneError": "kvtune.errors",
 }
 

@@ -203,7 +203,7 @@ def run(
     """The main job: profile → search → eval → export on the default model and data, each step
     with its own defaults (the window counts can be lowered for large models on small machines)."""
     from kvtune.eval import EVAL_BASELINES, EvalSettings, evaluate_plans
-    from kvtune.export import FORMATS, export_plan
+    from kvtune.export import Skipped, export_formats
     from kvtune.pipeline import check_run
     from kvtune.profiling import ProfileSettings, run_profile
     from kvtune.search import SearchSettings, run_search
@@ -227,8 +227,11 @@ def run(
     _print_table(table)
     typer.echo(f"\nwritten: {out / 'eval'}/eval.csv, eval.json, eval.png")
     typer.secho("[4/4] export", bold=True)
-    for fmt in FORMATS:  # derived from this run's plan.json, which the checks above protect
-        _report_export(export_plan(result.plan, fmt, out / "export" / f"{fmt}.json", nearest=True, overwrite=True))
+    for exported in export_formats(result.plan, out / "export"):  # derived from this run's plan.json, which the checks above protect
+        if isinstance(exported, Skipped):
+            typer.secho(f"skipped {exported.format}: {exported.reason}", fg=typer.colors.YELLOW)
+        else:
+            _report_export(exported)
 
 
 def _csv(text: str) -> list[str]:
@@ -354,9 +357,9 @@ def _report_search(result, out: Path) -> None:
     typer.echo(f"chosen: {md['nominal_bits']:.3f} nominal bits, {md['cache_bytes'] / 2**20:.1f} MiB at {md['context']} tokens "
                f"({md['effective_bits']:.2f} effective bits), pairs {sorted(set(plan.pairs))}")
     for tie in meta.get("uniform_ties", []):
-        typer.echo(f"note: uniform {tie['pair']} ({tie['nominal_bits']:g} bits) measured level with the chosen plan on "
-                   f"verification ({tie['gap']:+.5f} ± {tie['gap_se']:.5f} nats/token over {tie['windows']} windows); "
-                   f"it is the simpler plan to deploy")
+        typer.echo(f"note: uniform {tie['pair']} ({tie['nominal_bits']:g} bits) not separable from the chosen plan on "
+                   f"verification ({tie['gap']:+.5f} ± {tie['gap_se']:.5f} nats/token, uniform minus chosen, over "
+                   f"{tie['windows']} windows); a uniform plan is simpler to deploy")
     typer.echo(f"written: {out}/front.csv, front.png, plan.json, search.json")
 
 

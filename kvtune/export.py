@@ -83,6 +83,14 @@ class Exported:
     plan: Plan  # the plan as the target stores it: the input, or where --nearest rounded it, the rounded plan
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A format that cannot hold the plan even rounded up, and why."""
+
+    format: str
+    reason: str
+
+
 def _uniform_widths(plan: Plan, allowed: tuple[int, ...], target: str, nearest: bool, same_kv: bool) -> tuple[int, int, list[str]]:
     """One (K bits, V bits) for every layer, or a refusal naming the first layer that breaks it."""
     notes = []
@@ -107,7 +115,7 @@ def _uniform_widths(plan: Plan, allowed: tuple[int, ...], target: str, nearest: 
             raise PlanError(f"{target} cannot express layer {i}: {problems[0]} (use --nearest to round up)")
     k_bits, v_bits = lift(k_target), lift(v_target)
     if k_bits is None or v_bits is None:
-        raise PlanError(f"{target} has no width of at least {max(k_target, v_target)} bits")
+        raise PlanError(f"{target} has no width of at least {max(k_target, v_target)} bits (its widths: {list(allowed)})")
     if (k_bits, v_bits) != (plan.layers[0].key.bits, plan.layers[0].value.bits) or len(set(plan.pairs)) > 1:
         notes.append(f"rounded up to K{k_bits}V{v_bits} in every layer (nearest expressible with no fewer bits)")
     return k_bits, v_bits, notes
@@ -430,3 +438,28 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, nearest: bool = False, ba
     inputs.refuse_replacing(out, text, overwrite)
     files.write_text(out, text)
     return Exported(fmt, out, notes, rounded)
+
+
+def export_formats(plan: Plan, folder: str | Path, formats: tuple[str, ...] = FORMATS) -> list[Exported | Skipped]:
+    """``plan`` in every format that can hold it, rounded up where needed (``kvtune run``'s last step):
+    ``folder/<format>.json`` each. transformers' QuantizedCache is written for quanto, or for hqq where
+    quanto lacks a width (8 bits); a format that cannot hold the plan at all is skipped with the
+    reason, and an older file of that format in ``folder`` is removed so that none is taken for this plan's."""
+    results = []
+    for fmt in formats:
+        out = Path(folder) / f"{fmt}.json"
+        reasons = []
+        for backend in ("quanto", "hqq") if fmt == "hf-quantized-cache" else ("quanto",):
+            try:
+                exported = export_plan(plan, fmt, out, nearest=True, backend=backend, overwrite=True)
+            except PlanError as refused:
+                reasons.append(str(refused))
+                continue
+            if reasons:
+                exported.notes.insert(0, f"written for the {backend} backend: {reasons[-1]}")
+            results.append(exported)
+            break
+        else:
+            out.unlink(missing_ok=True)
+            results.append(Skipped(fmt, "; ".join(reasons)))
+    return results

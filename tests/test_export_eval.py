@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvtune.errors import PlanError
-from kvtune.export import export_plan
+from kvtune.export import FORMATS, Skipped, export_formats, export_plan
 from kvtune.plan import LayerPlan, ModelShape, Plan
 
 SHAPE = ModelShape(4, 3, 64)
@@ -108,6 +108,22 @@ def test_tasks_come_from_real_files(default_model):
     for item in needles:
         prefix = item.prompt.rsplit("Earlier in this text: ", 1)[1]
         assert (prefix + " " + item.answer) in item.prompt  # the planted sentence holds the answer
+
+
+def test_every_format_export_rounds_up_falls_back_to_hqq_and_skips_what_cannot_hold_the_plan(tmp_path):
+    """kvtune run's last step: an 8-bit layer has no quanto width, so QuantizedCache is written for hqq;
+    a 16-bit layer has no QuantizedCache width at all, so that format is skipped and its older file removed."""
+    written = {r.format: r for r in export_formats(_mixed(), tmp_path)}
+    assert tuple(written) == FORMATS and not any(isinstance(r, Skipped) for r in written.values())
+    hf = written["hf-quantized-cache"]
+    assert json.loads(hf.path.read_text())["cache_config"]["backend"] == "hqq"
+    assert json.loads(hf.path.read_text())["cache_config"]["nbits"] == 8
+    assert hf.notes[0].startswith("written for the hqq backend: transformers QuantizedCache[quanto] has no width of at least 8")
+    with_16 = Plan(tuple(LayerPlan.from_pair(p) for p in ("k16v16", "k4v2", "k4v4", "k2v2")), name="with16", shape=SHAPE)
+    again = {r.format: r for r in export_formats(with_16, tmp_path)}
+    assert isinstance(again["hf-quantized-cache"], Skipped) and "[hqq] has no width of at least 16" in again["hf-quantized-cache"].reason
+    assert not (tmp_path / "hf-quantized-cache.json").exists()  # the 8-bit plan's file is not left to be taken for this one
+    assert json.loads((tmp_path / "kvtune.json").read_text())["layers"][0]["key"]["bits"] == 16
 
 
 def test_three_bit_plans_export_where_the_target_has_three_bits(tmp_path):
