@@ -180,7 +180,7 @@ def _report_export(result) -> None:
     typer.echo(f"written: {result.path}")
 
 
-@_command("interrupted; rerun the same command to resume the profile from --out (finished steps are kept)")
+@_command("interrupted; rerun the same command to resume from --out (the profile's finished batches and finished steps are kept)")
 def run(
     model: str = typer.Option("default", help="Model to tune (see `kvtune ppl --help`)."),
     data: str = typer.Option("enwiki", help="Calibration/evaluation text (see `kvtune ppl --help`)."),
@@ -204,7 +204,7 @@ def run(
     with its own defaults (the window counts can be lowered for large models on small machines)."""
     from kvtune.eval import EVAL_BASELINES, EvalSettings, evaluate_plans
     from kvtune.export import Skipped, export_formats
-    from kvtune.pipeline import check_run
+    from kvtune.pipeline import check_run, finished_eval, finished_search
     from kvtune.profiling import ProfileSettings, run_profile
     from kvtune.search import SearchSettings, run_search
     from kvtune.tasks import TASKS
@@ -220,10 +220,17 @@ def run(
     typer.secho("[1/4] profile", bold=True)
     _report_profile(run_profile(profile_settings, out / "profile", fresh=overwrite), out / "profile")
     typer.secho(f"[2/4] search --budget {budget}", bold=True)
-    result = run_search(search_settings, out / "search", overwrite=overwrite)
+    kept = None if overwrite else finished_search(out)
+    if kept is not None:
+        typer.echo(f"kept: the search an earlier run finished in {out / 'search'} (same settings)")
+    result = kept or run_search(search_settings, out / "search", overwrite=overwrite)
     _report_search(result, out / "search")
     typer.secho("[3/4] eval", bold=True)
-    table = evaluate_plans(eval_settings, out=out / "eval", stem="eval", overwrite=overwrite)
+    table = None if overwrite else finished_eval(out)
+    if table is not None:
+        typer.echo(f"kept: the evaluation an earlier run finished in {out / 'eval'} (same settings, same plan)")
+    else:
+        table = evaluate_plans(eval_settings, out=out / "eval", stem="eval", overwrite=overwrite)
     _print_table(table)
     typer.echo(f"\nwritten: {out / 'eval'}/eval.csv, eval.json, eval.png")
     typer.secho("[4/4] export", bold=True)

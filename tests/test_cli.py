@@ -118,3 +118,14 @@ def test_main_job_runs_end_to_end_on_a_local_model(tmp_path, tiny_model_dir):
         assert (out / path).is_file(), path
     table = pd.read_csv(out / "eval" / "eval.csv")
     assert table["plan"].iloc[-1] == "kvtune:3.25bits" and len(table) == 6
+    # A rerun (a run stopped in its export step) keeps the finished search and evaluation.
+    plan_before = (out / "search" / "plan.json").read_text()
+    again = runner.invoke(app, ["run", "--model", tiny_model_dir, "--items", "2", "--needle-context", "128", "--out", str(out),
+                                "--windows", "4", "--validate-windows", "1", "--verify-windows", "4", "--no-verify-uniform", "--eval-windows", "3"])
+    assert again.exit_code == 0, again.output
+    assert "kept: the search" in again.output and "kept: the evaluation" in again.output
+    assert (out / "search" / "plan.json").read_text() == plan_before
+    (out / "search" / "plan.json").touch()  # a plan newer than the table: the evaluation is redone
+    redone = runner.invoke(app, ["run", "--model", tiny_model_dir, "--items", "2", "--needle-context", "128", "--out", str(out),
+                                 "--windows", "4", "--validate-windows", "1", "--verify-windows", "4", "--no-verify-uniform", "--eval-windows", "3"])
+    assert redone.exit_code == 0 and "kept: the search" in redone.output and "kept: the evaluation" not in redone.output

@@ -84,8 +84,11 @@ class Profile:
 
         folder = Path(folder)
         _validate(self.table, self.meta, folder)
-        meta_text = files.dumps(self.meta)
-        files.write_all(folder, {TABLE_FILE: lambda p: self.table.to_csv(p, index=False),
+        meta_text, table_text = files.dumps(self.meta), self.table.to_csv(index=False)
+        if all((folder / name).is_file() and (folder / name).read_text(encoding="utf-8") == text
+               for name, text in ((META_FILE, meta_text), (TABLE_FILE, table_text))):
+            return folder  # a resumed, finished profile: left untouched, so later steps see by its time that they are current
+        files.write_all(folder, {TABLE_FILE: lambda p: p.write_text(table_text, encoding="utf-8"),
                                  META_FILE: lambda p: p.write_text(meta_text)})  # last: marks a finished profile
         return folder
 
