@@ -33,7 +33,10 @@ RESULTS = ROOT / "benchmarks" / "results" / "real_models"
 UNIFORM = ["fp16", "uniform:k8v8", "uniform:k4v4", "uniform:k4v3", "uniform:k3v3", "uniform:k4v2", "uniform:k3v2", "uniform:k2v2"]
 
 
-def heldout(model_name: str, plans: list[str], windows: int, seq_len: int, data: str = "enwiki", seed: int = 0) -> dict:
+def heldout(model_name: str, plans: list[str], windows: int, seq_len: int, data: str = "enwiki", seed: int = 0,
+            after_each=None) -> dict:
+    """Held-out NLL of each plan over the same windows; ``after_each(result)`` gets the table so far
+    after every plan (long runs save as they go)."""
     model, tokenizer = load_model(model_name)
     from kvtune.models import model_shape
 
@@ -45,11 +48,14 @@ def heldout(model_name: str, plans: list[str], windows: int, seq_len: int, data:
         plan.check_model(shape, model_name)
         nll[spec] = (token_nll(model, ids, plan).mean(dim=1).double().numpy(), plan.nominal_bits(shape))
         print(f"{spec}: PPL {np.exp(nll[spec][0].mean()):.4f}", flush=True)
-    rows = [{"plan": spec, "nominal_bits": bits, "ppl": float(np.exp(values.mean())),
-             "window_nll": values.tolist()}  # per window, so later plans can be paired with these
-            for spec, (values, bits) in nll.items()]
-    return {"model": canonical_name(model_name), "data": data, "split": "heldout", "windows": windows, "seq_len": seq_len,
-            "rows": pair_rows(rows)}
+        rows = [{"plan": spec, "nominal_bits": bits, "ppl": float(np.exp(values.mean())),
+                 "window_nll": values.tolist()}  # per window, so later plans can be paired with these
+                for spec, (values, bits) in nll.items()]
+        result = {"model": canonical_name(model_name), "data": data, "split": "heldout", "windows": windows,
+                  "seq_len": seq_len, "rows": pair_rows(rows)}
+        if after_each is not None:
+            after_each(result)
+    return result
 
 
 def pair_rows(rows: list[dict]) -> list[dict]:
@@ -106,14 +112,21 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.what == "heldout":
         baselines = list(dict.fromkeys(["fp16", *[b for b in args.baselines.split(",") if b]]))
-        result = heldout(args.model, list(dict.fromkeys(baselines + args.plan)), args.windows, args.seq_len, args.data)
         name = f"{canonical_name(args.model)}-heldout-{args.data}-{args.seq_len}x{args.windows}{args.tag}.json"
-        if args.merge and (RESULTS / name).is_file():
+        earlier = json.loads((RESULTS / name).read_text())["rows"] if args.merge and (RESULTS / name).is_file() else []
+
+        def merged(result: dict) -> dict:
             measured = {row["plan"] for row in result["rows"]}
-            earlier = [r for r in json.loads((RESULTS / name).read_text())["rows"] if r["plan"] not in measured]
-            result["rows"] = [r for r in earlier if r["plan"] in UNIFORM] + result["rows"] + [r for r in earlier if r["plan"] not in UNIFORM]
-            result["rows"].sort(key=lambda r: (r["plan"] not in UNIFORM, UNIFORM.index(r["plan"]) if r["plan"] in UNIFORM else 0))
-            result["rows"] = pair_rows(result["rows"])
+            kept = [r for r in earlier if r["plan"] not in measured]
+            rows = [r for r in kept if r["plan"] in UNIFORM] + result["rows"] + [r for r in kept if r["plan"] not in UNIFORM]
+            rows.sort(key=lambda r: (r["plan"] not in UNIFORM, UNIFORM.index(r["plan"]) if r["plan"] in UNIFORM else 0))
+            return {**result, "rows": pair_rows(rows)}
+
+        def save(result: dict) -> None:
+            (RESULTS / name).write_text(json.dumps(merged(result), indent=2, default=float) + "\n")
+
+        result = merged(heldout(args.model, list(dict.fromkeys(baselines + args.plan)), args.windows, args.seq_len, args.data,
+                                after_each=save))
     else:
         result = race_check(args.model)
         name = f"{canonical_name(args.model)}-race-check.json"
