@@ -19,8 +19,8 @@ from kvtune.eval import EvalSettings
 from kvtune.eval import check_settings as check_eval
 from kvtune.plan import LayerPlan, Plan
 from kvtune.profiling import ProfileSettings
-from kvtune.search.budget import parse_budget
 from kvtune.profiling.artifact import META_FILE as PROFILE_META
+from kvtune.search.budget import parse_budget
 from kvtune.search.search import FRONT_FILE, META_FILE, PLAN_FILE, SearchResult, SearchSettings, check_budget_fits, memory_tables
 
 
