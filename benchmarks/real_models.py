@@ -66,9 +66,8 @@ def pair_rows(rows: list[dict]) -> list[dict]:
         for key, reference in (("gap_vs_fp16", "fp16"), ("gap_vs_k3v3", "uniform:k3v3")):
             if row["plan"] in by_plan and reference in by_plan:
                 row[key] = paired_gap(by_plan[row["plan"]], by_plan[reference])
-        row["window_nll"] = row.pop("window_nll", None)  # keep the long list last in each row
-        if row["window_nll"] is None:
-            del row["window_nll"]
+        if "window_nll" in row:
+            row["window_nll"] = row.pop("window_nll")  # keep the long list last in each row
     return rows
 
 

@@ -105,8 +105,9 @@ def test_export_command(tmp_path):
 @pytest.mark.slow
 def test_main_job_runs_end_to_end_on_a_local_model(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["run", "--model", tiny_model_dir, "--items", "2", "--needle-context", "128", "--out", str(out),
-                                 "--windows", "4", "--validate-windows", "1", "--verify-windows", "4", "--no-verify-uniform", "--eval-windows", "3"])
+    command = ["run", "--model", tiny_model_dir, "--items", "2", "--needle-context", "128", "--out", str(out),
+               "--windows", "4", "--validate-windows", "1", "--verify-windows", "4", "--no-verify-uniform", "--eval-windows", "3"]
+    result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "profile" / "profile.json").read_text())["data"]["windows"] == 4
     assert json.loads((out / "profile" / "profile.json").read_text())["data"]["validation_windows"] == 1
@@ -120,12 +121,10 @@ def test_main_job_runs_end_to_end_on_a_local_model(tmp_path, tiny_model_dir):
     assert table["plan"].iloc[-1] == "kvtune:3.25bits" and len(table) == 6
     # A rerun (a run stopped in its export step) keeps the finished search and evaluation.
     plan_before = (out / "search" / "plan.json").read_text()
-    again = runner.invoke(app, ["run", "--model", tiny_model_dir, "--items", "2", "--needle-context", "128", "--out", str(out),
-                                "--windows", "4", "--validate-windows", "1", "--verify-windows", "4", "--no-verify-uniform", "--eval-windows", "3"])
+    again = runner.invoke(app, command)
     assert again.exit_code == 0, again.output
     assert "kept: the search" in again.output and "kept: the evaluation" in again.output
     assert (out / "search" / "plan.json").read_text() == plan_before
     (out / "search" / "plan.json").touch()  # a plan newer than the table: the evaluation is redone
-    redone = runner.invoke(app, ["run", "--model", tiny_model_dir, "--items", "2", "--needle-context", "128", "--out", str(out),
-                                 "--windows", "4", "--validate-windows", "1", "--verify-windows", "4", "--no-verify-uniform", "--eval-windows", "3"])
+    redone = runner.invoke(app, command)
     assert redone.exit_code == 0 and "kept: the search" in redone.output and "kept: the evaluation" not in redone.output
